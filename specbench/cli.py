@@ -1,0 +1,149 @@
+"""specbench command line: run | list | models | compare | train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import SpecbenchError, UsageError
+
+
+def _params(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _default_out(args) -> Path:
+    return Path("results") / f"{args.method}-{args.dataset}-t{args.temperature:g}.json"
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is not a directory")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name")
+
+
+def cmd_run(args) -> int:
+    from tabulate import tabulate
+
+    from .bench.runner import RunConfig, Runner
+    from .methods import get_method
+
+    get_method(args.method)  # unknown method: fail before loading any model
+    from .bench.datasets import DATASETS
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
+    out = Path(args.out) if args.out else _default_out(args)
+    _check_writable(out)
+    cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
+                    limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
+                    device=args.device, hf_generate=args.hf_generate)
+    runner = Runner(args.target, dtype=args.dtype, device=args.device)
+    doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress)
+    s = doc["summary"]
+    rows = []
+    for name in dict.fromkeys(["vanilla", args.method, "hf_generate"]):
+        if name in s:
+            m = s[name]
+            rows.append([name, m["tau"], m["tau_macro"], m["tokens_per_s"], m.get("speedup", 1.0 if name == "vanilla" else None),
+                         m.get("speedup_vs_hf_generate"), m["draft_fraction"], m["new_tokens"], m["steps"]])
+    print(tabulate(rows, headers=["run", "tau", "tau_macro", "tokens/s", "speedup", "vs HF generate", "draft frac",
+                                  "new tokens", "steps"], floatfmt=".3f", missingval="-"))
+    if "greedy_identical" in s:
+        g = s["greedy_identical"]
+        print(f"greedy outputs identical to vanilla: {g['identical']}/{g['compared']}")
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from .bench.datasets import DATASETS
+    from .methods import available_methods
+    from .models.registry import EMBEDDED
+
+    print(tabulate([[m.name, "yes" if m.train else "no", m.description] for m in available_methods().values()],
+                   headers=["method", "trainable", "description"]))
+    print()
+    print(tabulate([[d.name, d.description] for d in DATASETS.values()], headers=["dataset", "description"]))
+    print()
+    seen = set()
+    rows = []
+    for m in EMBEDDED.values():
+        if m.name not in seen:
+            seen.add(m.name)
+            rows.append([m.name, m.hf_id, f"{m.package}=={m.version}", m.license])
+    print(tabulate(rows, headers=["embedded model", "original", "package", "license"]))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import load_model
+
+    loaded = load_model(args.name, dtype=args.dtype, device=args.device)
+    print(f"{loaded.name}: {loaded.source}, weights sha256 {loaded.weights_sha256}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(prog="specbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="decode a prompt set with a method and the vanilla baseline; write results JSON")
+    r.add_argument("--method", required=True)
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, local HF directory or cached HF id")
+    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    r.add_argument("--limit", type=int, default=None, help="first N prompts")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--repeats", type=int, default=1, help="time each prompt N times, keep the median")
+    r.add_argument("--dtype", default="auto")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--out", help="results file (default results/<method>-<dataset>-t<T>.json)")
+    r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")
+    r.add_argument("--hf-generate", action="store_true", help="also time transformers' generate() as a second denominator")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="methods, datasets and embedded models")
+    lst.set_defaults(func=cmd_list)
+
+    m = sub.add_parser("models", help="fetch and cache a model (embedded name, local path or cached HF id)")
+    m.add_argument("name", nargs="?", default=DEFAULT_TARGET)
+    m.add_argument("--dtype", default="auto")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_models)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecbenchError as e:
+        print(f"specbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specbench: interrupted; finished prompts are saved and the run resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

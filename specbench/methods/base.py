@@ -1,0 +1,102 @@
+"""The method plugin protocol and its registry.
+
+A method is a name, a `drafter` factory and an optional `train` hook.  Built-in methods are
+registered through the same Python entry-point group as third-party ones
+(`specbench.methods` in pyproject.toml), so a plugin package only needs
+
+    [project.entry-points."specbench.methods"]
+    mymethod = "my_package.module:METHOD"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any, Callable, Protocol
+
+from ..decoding.tree import Proposal, Tree
+from ..decoding.verify import Verdict
+from ..errors import UsageError
+
+ENTRY_POINT_GROUP = "specbench.methods"
+
+
+class Drafter(Protocol):
+    """Per-sequence drafting state, driven by `specbench.decoding.loop.generate`."""
+
+    def begin(self, prompt: list[int], prefill) -> None:
+        """A new sequence: `prompt` (all tokens; the last is not yet cached) and the prefill StepOutput."""
+
+    def propose(self, tokens: list[int]) -> Proposal:
+        """Draft continuations of `tokens` (the whole sequence so far; its last token is the tree root)."""
+
+    def update(self, tree: Tree, verdict: Verdict, out) -> None:
+        """What the target did with the proposal: its StepOutput over the tree and the accepted path."""
+
+
+class DrafterBase:
+    """No-op hooks; subclasses override what they need."""
+
+    def begin(self, prompt: list[int], prefill) -> None:
+        pass
+
+    def propose(self, tokens: list[int]) -> Proposal:
+        return Proposal()
+
+    def update(self, tree: Tree, verdict: Verdict, out) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Method:
+    """`drafter(target, sampling, generator, **params) -> Drafter`; `train(**kwargs)` or None."""
+
+    name: str
+    description: str
+    drafter: Callable[..., Drafter]
+    train: Callable[..., Any] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        overrides = overrides or {}
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise UsageError(f"method {self.name!r} has no parameter {', '.join(unknown)} "
+                             f"(its parameters: {', '.join(sorted(self.defaults)) or 'none'})")
+        out = dict(self.defaults)
+        for key, value in overrides.items():
+            out[key] = _coerce(value, self.defaults[key], key)
+        return out
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    if not isinstance(value, str) or default is None or isinstance(default, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                raise ValueError(value)
+            return value.lower() in {"1", "true", "yes"}
+        return type(default)(value)
+    except ValueError:
+        raise UsageError(f"parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+
+
+@lru_cache(maxsize=1)
+def available_methods() -> dict[str, Method]:
+    methods: dict[str, Method] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        method = ep.load()
+        if not isinstance(method, Method) or method.name != ep.name:
+            raise TypeError(f"entry point {ep.name} -> {ep.value} is not a Method named {ep.name!r}")
+        methods[ep.name] = method
+    return dict(sorted(methods.items()))
+
+
+def get_method(name: str) -> Method:
+    methods = available_methods()
+    if name not in methods:
+        hint = ", ".join(methods) or "none registered: is specbench installed (pip install -e .)?"
+        raise UsageError(f"unknown method {name!r}; available: {hint}")
+    return methods[name]
