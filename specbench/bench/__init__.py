@@ -1,0 +1,1 @@
+"""Benchmark harness pieces: baselines from the papers, comparisons."""
