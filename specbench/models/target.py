@@ -13,9 +13,59 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..decoding.tree import Proposal, Tree
 from ..errors import ContextLengthError
+
+
+class BufferLayer(DynamicLayer):
+    """A KV layer over a preallocated buffer: appends write in place instead of concatenating.
+
+    `keys`/`values` stay views of the filled part, so transformers code that reads them
+    keeps working; `keep` implements the commit of an accepted tree path in place.
+    """
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.size = 0
+        self._kbuf = self._vbuf = None
+
+    def _reserve(self, size: int, like: torch.Tensor) -> None:
+        if self._kbuf is not None and self._kbuf.shape[-2] >= size:
+            return
+        capacity = max(256, 2 * size)
+        shape = (*like.shape[:-2], capacity, like.shape[-1])
+        kbuf, vbuf = like.new_empty(shape), like.new_empty(shape)
+        if self.size:
+            kbuf[..., : self.size, :] = self._kbuf[..., : self.size, :]
+            vbuf[..., : self.size, :] = self._vbuf[..., : self.size, :]
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.size + key_states.shape[-2]
+        self._reserve(end, key_states)
+        self._kbuf[..., self.size:end, :] = key_states
+        self._vbuf[..., self.size:end, :] = value_states
+        self._set_size(end)
+        return self.keys, self.values
+
+    def _set_size(self, size: int) -> None:
+        self.size = size
+        self.keys = self._kbuf[..., :size, :]
+        self.values = self._vbuf[..., :size, :]
+
+    def get_seq_length(self) -> int:
+        return self.size if self.is_initialized else 0
+
+    def keep(self, start: int, index: torch.Tensor | None, count: int) -> None:
+        """Keep positions start + index (or the next `count` when index is None) after `start`."""
+        if index is not None:
+            self._kbuf[..., start:start + count, :] = self._kbuf.index_select(-2, index + start)
+            self._vbuf[..., start:start + count, :] = self._vbuf.index_select(-2, index + start)
+        self._set_size(start + count)
 
 
 @dataclass
@@ -67,6 +117,8 @@ class Target:
     def prefill(self, ids: list[int]) -> StepOutput:
         """Start a new sequence: cache `ids` (may be empty)."""
         self.cache = DynamicCache(config=self.config)
+        # Plain full-attention layers get the in-place buffer; others (sliding windows) stay as built.
+        self.cache.layers = [BufferLayer() if type(layer) is DynamicLayer else layer for layer in self.cache.layers]
         self.length = 0
         if not ids:
             empty = torch.empty(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
@@ -101,15 +153,16 @@ class Target:
             return StepOutput(logits[:n], hidden[:n], logits[n:], hidden[n:])
         return StepOutput(logits, hidden)
 
+    @torch.inference_mode()
     def commit(self, nodes: list[int]) -> None:
         """Keep the KV entries of `nodes` (indices into the last forward_tree, root first)."""
-        keep_contiguous = nodes == list(range(len(nodes)))
-        idx = None if keep_contiguous else torch.tensor(nodes, device=self.device) + self.length
+        contiguous = nodes == list(range(len(nodes)))
+        idx = None if contiguous else torch.tensor(nodes, device=self.device)
         for layer in self.cache.layers:
-            if keep_contiguous:
-                end = self.length + len(nodes)
-                layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
-            else:
-                layer.keys = torch.cat([layer.keys[:, :, : self.length], layer.keys.index_select(2, idx)], 2)
-                layer.values = torch.cat([layer.values[:, :, : self.length], layer.values.index_select(2, idx)], 2)
+            if isinstance(layer, BufferLayer):
+                layer.keep(self.length, idx, len(nodes))
+            else:  # e.g. sliding-window layers: rebuild by selection
+                local = torch.tensor(nodes, device=self.device)
+                sel = torch.cat([torch.arange(self.length, device=self.device), self.length + local])
+                layer.keys, layer.values = layer.keys.index_select(2, sel), layer.values.index_select(2, sel)
         self.length += len(nodes)
