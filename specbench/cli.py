@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
     from .bench.runner import RunConfig, Runner
     from .methods import get_method
 
-    get_method(args.method)  # unknown method: fail before loading any model
+    get_method(args.method).params(_params(args.param))  # bad method/params: fail before loading any model
     from .bench.datasets import DATASETS
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto")
     m.set_defaults(func=cmd_models)
 
+    from .bench.compare import add_parser as _add_compare
+    _add_compare(sub)
     return p
 
 
