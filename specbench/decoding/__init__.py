@@ -3,9 +3,9 @@
 from .loop import Generation, generate
 from .sampling import SamplingConfig, make_generator, probs, sample
 from .tree import Proposal, Tree
-from .verify import (BatchVerdict, Verdict, verify, verify_chain, verify_greedy, verify_tree_deterministic,
+from .verify import (BatchVerdict, Verdict, accept, verify_chain, verify_greedy, verify_tree_deterministic,
                      verify_tree_sampled)
 
 __all__ = ["Generation", "generate", "SamplingConfig", "make_generator", "probs", "sample", "Proposal", "Tree",
-           "BatchVerdict", "Verdict", "verify", "verify_chain", "verify_greedy", "verify_tree_deterministic",
+           "BatchVerdict", "Verdict", "accept", "verify_chain", "verify_greedy", "verify_tree_deterministic",
            "verify_tree_sampled"]

@@ -9,7 +9,7 @@ import torch
 
 from .sampling import SamplingConfig
 from .tree import Tree
-from .verify import verify
+from .verify import accept
 
 
 @dataclass
@@ -68,7 +68,7 @@ def generate(target, drafter, prompt: list[int], max_new_tokens: int, sampling: 
         tree = Tree(seq[-1], proposal)
         t1 = _clock(dev)
         out = target.forward_tree(tree)
-        verdict = verify(out.logits, tree, sampling, proposal.draft_probs, generator)
+        verdict = accept(out.logits, tree, sampling, proposal.draft_probs, generator)
         target.commit([0, *verdict.path])
         t2 = _clock(dev)
         emitted = [tree.tokens[i] for i in verdict.path] + [verdict.token]

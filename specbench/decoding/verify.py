@@ -144,7 +144,7 @@ def verify_greedy(logits: torch.Tensor, tree: Tree) -> Verdict:
         node = nxt
 
 
-def verify(logits: torch.Tensor, tree: Tree, cfg: SamplingConfig, draft_probs: torch.Tensor | None,
+def accept(logits: torch.Tensor, tree: Tree, cfg: SamplingConfig, draft_probs: torch.Tensor | None,
            generator=None) -> Verdict:
     """The decode loop's entry point: logits (n, V) for the tree's nodes."""
     if cfg.greedy:

@@ -1,0 +1,288 @@
+"""Shared machinery of the losslessness tests: the statistical check and the verifier harness.
+
+The check (`chi_square_check`, `check_emitted`, `check_case`) is imported by both the
+property tests (tests/test_verify.py) and the mutation tests (tests/test_verify_mutations.py),
+so the mutation tests prove that *this* check, not a copy of it, catches broken verifiers.
+
+Vocabulary of the harness
+-------------------------
+A `Case` is a tree shape plus *prefix tables*: ``P[L]`` has shape ``(V**L, V)`` and row
+``idx(prefix)`` is the target's next-token distribution after the ``L`` emitted tokens
+``prefix`` (``idx`` = the prefix read as a base-V number).  ``Q[L]`` is the draft
+distribution in the same layout.  Each of the B draws of a sampled case drafts its own
+tokens from Q (siblings i.i.d. from their parent's row), and p for node i is gathered from
+the table at *that draw's* prefix, so the exact output distribution is known in closed
+form: P(x1) = P[0][x1], P(x1, x2) = P[0][x1] * P[1][x1, x2].
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+
+from specbench.decoding.sampling import SamplingConfig, make_generator, probs
+from specbench.decoding.tree import Proposal, Tree
+
+# The module whose primitives the mutation tests monkeypatch.
+verify_module = importlib.import_module("specbench.decoding.verify")
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+ALPHA = 1e-6  # false-alarm rate of one check; a p-value below it is a failure
+MIN_EXPECTED = 10.0  # cells with a smaller expected count are pooled
+N_DRAWS = 20_000  # draws per verifier call
+MISMATCH = "distribution mismatch"
+OK = "ok"
+
+
+
+@pytest.fixture(scope="module", autouse=False)
+def single_thread():
+    """Tiny tensors: one intra-op thread is ~40x faster than two on a busy 2-core machine
+    (OpenMP threads spin against each other).  Import this fixture into a test module with
+    `from helpers import single_thread` plus `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the check
+
+@dataclass
+class CheckResult:
+    verdict: str  # OK or MISMATCH
+    pvalue: float
+    statistic: float
+    dof: int
+    n: int
+    detail: str = ""
+    parts: list["CheckResult"] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == OK
+
+    def __str__(self) -> str:
+        head = (f"{self.verdict}: chi2={self.statistic:.1f} dof={self.dof} p={self.pvalue:.3g} "
+                f"(N={self.n}, fail below {ALPHA:g})")
+        lines = [head + (f"; {self.detail}" if self.detail else "")]
+        lines += ["  " + str(p) for p in self.parts]
+        return "\n".join(lines)
+
+
+def _pool(expected: np.ndarray, observed: np.ndarray, min_expected: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pool the cells whose expected count is below `min_expected` into one cell (then keep
+    adding the next-smallest cells to that pool until it reaches `min_expected` too)."""
+    order = np.argsort(expected, kind="stable")
+    e, o = expected[order], observed[order]
+    small = int(np.searchsorted(e, min_expected, side="left"))  # e[:small] < min_expected
+    if small == 0:
+        return e, o
+    pe, po = e[:small].sum(), o[:small].sum()
+    rest_e, rest_o = list(e[small:]), list(o[small:])
+    while pe < min_expected and rest_e:
+        pe += rest_e.pop(0)
+        po += rest_o.pop(0)
+    return np.array([pe, *rest_e]), np.array([po, *rest_o])
+
+
+def chi_square_check(samples, expected, alpha: float = ALPHA, label: str = "") -> CheckResult:
+    """Pearson chi-square goodness of fit of `samples` (N, k) ints against the exact joint
+    probabilities `expected` (V,)*k.
+
+    Cells of probability exactly 0 are not part of the statistic: any sample in them is a
+    mismatch outright.  Cells with a small expected count are pooled (see `_pool`).  Never
+    raises on bad samples (out-of-range tokens, wrong shape): those are mismatches too.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    k, V = expected.ndim, expected.shape[0]
+    total = expected.sum()
+    if not (abs(total - 1.0) < 1e-4 and (expected >= 0).all()):
+        raise ValueError(f"expected probabilities must be >= 0 and sum to 1 (sum {total})")  # a test bug
+    s = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    s = s.reshape(len(s), -1).astype(np.int64)
+    n = len(s)
+    if s.shape[1] != k:
+        return CheckResult(MISMATCH, 0.0, math.inf, 0, n, f"{label}samples have {s.shape[1]} tokens, expected {k}")
+    bad = ((s < 0) | (s >= V)).any(1)
+    if bad.any():
+        return CheckResult(MISMATCH, 0.0, math.inf, 0, n,
+                           f"{label}{int(bad.sum())} samples hold invalid tokens, e.g. {s[bad][0].tolist()}")
+    observed = np.bincount(np.ravel_multi_index(s.T, expected.shape), minlength=expected.size).astype(np.float64)
+    exp = expected.ravel() / total
+    zero = exp == 0
+    if observed[zero].any():
+        cells = np.flatnonzero(zero & (observed > 0))
+        shown = ", ".join(f"{np.unravel_index(c, expected.shape)}x{int(observed[c])}" for c in cells[:5])
+        return CheckResult(MISMATCH, 0.0, math.inf, 0, n,
+                           f"{label}{int(observed[zero].sum())} samples in cells of target probability 0: {shown}")
+    e, o = _pool(n * exp[~zero], observed[~zero], MIN_EXPECTED)
+    if len(e) < 2:
+        return CheckResult(OK, 1.0, 0.0, 0, n, f"{label}one cell holds all the mass")
+    stat = float(((o - e) ** 2 / e).sum())
+    dof = len(e) - 1
+    pvalue = float(chi2.sf(stat, dof))
+    return CheckResult(MISMATCH if pvalue < alpha else OK, pvalue, stat, dof, n, label.rstrip(": "))
+
+
+def combine(parts: list[CheckResult]) -> CheckResult:
+    worst = min(parts, key=lambda r: (r.ok, r.pvalue))
+    return CheckResult(OK if all(p.ok for p in parts) else MISMATCH, worst.pvalue, worst.statistic, worst.dof,
+                       worst.n, "worst of: " + ", ".join(p.detail or "?" for p in parts), parts)
+
+
+def check_emitted(first2: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> CheckResult:
+    """First emitted token against p0 (V,), first two jointly against p0[x1] * p1[x1, x2]."""
+    p0 = p0.detach().double().cpu()
+    p1 = p1.detach().double().cpu()
+    p0n = p0 / p0.sum()
+    joint = p0n[:, None] * (p1 / p1.sum(-1, keepdim=True).clamp_min(1e-300))
+    return combine([chi_square_check(first2[:, :1], p0n.numpy(), label="first token: "),
+                    chi_square_check(first2, joint.numpy(), label="first two tokens: ")])
+
+
+# --------------------------------------------------------------------------- cases
+
+VERIFIERS = ("det", "chain", "sampled")
+
+
+@dataclass
+class Case:
+    """`kind`: "det" (deterministic candidates `tokens`), "chain" (verify_chain, tokens drafted
+    from Q per draw) or "sampled" (verify_tree_sampled, tokens drafted from Q per draw).
+    `parents` are the Proposal's (tree node of each draft node's parent)."""
+
+    kind: str
+    parents: list[int]
+    P: list[torch.Tensor]
+    Q: list[torch.Tensor] | None = None
+    tokens: list[int] | None = None
+    root: int = 0
+    note: str = ""
+
+    def __post_init__(self):
+        assert self.kind in VERIFIERS
+        assert (self.tokens is None) == (self.kind != "det")
+        assert (self.Q is None) == (self.kind == "det")
+        depth = self.tree().max_depth
+        assert len(self.P) >= max(depth, 1) + 1, "P needs levels 0..max(depth, 1)"
+        if self.Q is not None:
+            assert len(self.Q) >= depth, "Q needs levels 0..depth-1"
+
+    @property
+    def vocab(self) -> int:
+        return self.P[0].shape[-1]
+
+    def tree(self) -> Tree:
+        toks = self.tokens if self.tokens is not None else [0] * len(self.parents)
+        return Tree(self.root, Proposal(list(toks), list(self.parents)))
+
+
+def run_verifier(case: Case, device: str, n: int = N_DRAWS, seed: int = 0):
+    """Run the case's verifier once, batched over n draws. Returns (BatchVerdict, tree)."""
+    dev = torch.device(device)
+    tree = case.tree()
+    V, m = case.vocab, len(tree)
+    P = [t.to(dev, torch.float32) for t in case.P]
+    depth = tree.depth
+    if case.kind == "det":
+        idx = [0] * m
+        for i in range(1, m):
+            idx[i] = idx[tree.parents[i]] * V + tree.tokens[i]
+        p = torch.stack([P[depth[i]][idx[i]] for i in range(m)])[None].expand(n, m, V)
+        return verify_module.verify_tree_deterministic(p, tree, make_generator(seed, dev)), tree
+    Q = [t.to(dev, torch.float32) for t in case.Q]
+    draft_gen = make_generator(seed + 1, dev)
+    idx = torch.zeros(n, m, dtype=torch.long, device=dev)
+    toks = torch.full((n, m), case.root, dtype=torch.long, device=dev)
+    q = torch.zeros(n, m, V, device=dev)
+    for i in range(1, m):
+        par = tree.parents[i]
+        q[:, i] = Q[depth[par]][idx[:, par]]
+        toks[:, i] = torch.multinomial(q[:, i], 1, generator=draft_gen)[:, 0]
+        idx[:, i] = idx[:, par] * V + toks[:, i]
+    p = torch.stack([P[depth[i]][idx[:, i]] for i in range(m)], 1)
+    fn = verify_module.verify_chain if case.kind == "chain" else verify_module.verify_tree_sampled
+    return fn(p, tree, q, make_generator(seed, dev), tokens=toks), tree
+
+
+def first_two(verdict, case: Case, seed: int = 0) -> torch.Tensor:
+    """The first two emitted tokens of each draw.  A draw that emitted one token (a
+    correction at the root) stopped there; its next token is what the next decode step
+    would emit from a correct verifier, i.e. a draw from the target's P[1][x1]."""
+    em = verdict.emitted(2)
+    short = em[:, 1] < 0
+    x1 = em[:, 0]
+    if short.any() and bool(((x1 >= 0) & (x1 < case.vocab)).all()):
+        rows = case.P[1].to(em.device, torch.float32)[x1[short]]
+        em[short, 1] = torch.multinomial(rows, 1, generator=make_generator(seed + 2, em.device))[:, 0]
+    return em
+
+
+def check_case(case: Case, device: str = "cpu", n: int = N_DRAWS, seed: int = 0) -> CheckResult:
+    """THE losslessness check: run the verifier n times, compare first token and first two
+    tokens with the exact target probabilities."""
+    verdict, _ = run_verifier(case, device, n, seed)
+    return check_emitted(first_two(verdict, case, seed), case.P[0][0], case.P[1])
+
+
+# --------------------------------------------------------------------------- table builders
+
+def explicit_table(rows_by_level: list) -> list[torch.Tensor]:
+    """Tables from explicit probabilities: level 0 one row (V,), level L a (V**L, V) array or
+    a single (V,) row repeated for every prefix."""
+    V = len(rows_by_level[0])
+    out = []
+    for L, rows in enumerate(rows_by_level):
+        t = torch.tensor(rows, dtype=torch.float32)
+        t = t.reshape(-1, V).expand(V ** L, V) if t.numel() == V else t.reshape(V ** L, V)
+        out.append((t / t.sum(-1, keepdim=True)).contiguous())
+    return out
+
+
+KINDS = ("peaked", "near_uniform", "uniform", "sparse", "point", "mixed")
+
+
+def _logits(kind: str, rows: int, V: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "mixed":
+        pick = torch.randint(0, len(KINDS) - 1, (rows,), generator=g)
+        every = torch.stack([_logits(k, rows, V, g) for k in KINDS[:-1]])
+        return every[pick, torch.arange(rows)]
+    if kind == "peaked":
+        return 3.0 * torch.randn(rows, V, generator=g)
+    if kind == "near_uniform":
+        return 0.05 * torch.randn(rows, V, generator=g)
+    if kind == "uniform":
+        return torch.zeros(rows, V)
+    keep_one = torch.nn.functional.one_hot(torch.randint(0, V, (rows,), generator=g), V).bool()
+    if kind == "sparse":
+        keep = (torch.rand(rows, V, generator=g) < 0.5) | keep_one
+        return (1.5 * torch.randn(rows, V, generator=g)).masked_fill(~keep, float("-inf"))
+    if kind == "point":
+        return torch.zeros(rows, V).masked_fill(~keep_one, float("-inf"))
+    raise ValueError(kind)
+
+
+def random_table(seed: int, V: int, levels: int, kind: str, cfg: SamplingConfig,
+                 root_logits: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Levels 0..levels-1 of a prefix table, each row `probs(logits, cfg)` of random logits of
+    the given kind; `root_logits` (V,) overrides level 0."""
+    g = make_generator(seed)
+    out = []
+    for L in range(levels):
+        logits = _logits(kind, V ** L, V, g)
+        if L == 0 and root_logits is not None:
+            logits = root_logits.reshape(1, V).float()
+        out.append(probs(logits, cfg))
+    return out
