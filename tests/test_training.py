@@ -1,0 +1,305 @@
+"""Training pipeline: ShareGPT reading, chat formatting + loss mask, feature cache, trainer, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from specbench.training.features import FeatureCache, prepare_features, target_hidden_states
+from specbench.training.sharegpt import (
+    ReadStats,
+    format_conversation,
+    is_contaminated,
+    iter_json_array,
+    load_conversations,
+    normalize_record,
+    resolve_source,
+)
+from specbench.training.trainer import TrainConfig, batch_order, make_batch, train_loop
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _fake_tokenizer():
+    """A character-level fast tokenizer (47 ids) with a ChatML template: no files, no network."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789 \n.,?!:'":
+        vocab[c] = len(vocab)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  unk_token="<unk>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\nbe nice<|im_end|>\n' }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return tok
+
+
+WORDS = "the cat sat on a mat and then it ran far away to see the big old tree near my house".split()
+
+
+def _conversations(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(2, 6))) + "?"})
+            turns.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(3, 10))) + "."})
+        recs.append({"id": f"c{i}", "conversations": turns})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specbench.models.loading import LoadedModel, state_dict_sha256
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, _fake_tokenizer(), "tiny", state_dict_sha256(model), "random")
+
+
+@pytest.fixture()
+def sharegpt_file(tmp_path):
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps(_conversations(40), indent=1))
+    return p
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_truncated_array_stops_at_cut_every_position():
+    recs = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i} [x] {{y}} \"z\""}],
+             "n": 1.5e-3 * i} for i in range(4)]
+    text = json.dumps(recs, indent=1)
+    ends = []  # end offset of each record in the text
+    dec = json.JSONDecoder()
+    pos = text.index("{")
+    for _ in recs:
+        _, pos = dec.raw_decode(text, pos)
+        ends.append(pos)
+        nxt = text.find("{", pos)
+        pos = nxt if nxt >= 0 else pos
+    for cut in range(0, len(text) + 1, 3):
+        st = ReadStats()
+        got = list(iter_json_array(io.StringIO(text[:cut]), st, chunk_chars=7))
+        assert len(got) == sum(e <= cut for e in ends)  # a record is yielded once its closing brace is read
+        assert got == recs[:len(got)]
+        assert st.records == len(got)
+        assert st.truncated == (cut < len(text))
+    st = ReadStats()
+    assert list(iter_json_array(io.StringIO(text), st, chunk_chars=5)) == recs and not st.truncated
+
+
+def test_truncated_file_source(tmp_path):
+    recs = _conversations(5)
+    text = json.dumps(recs)
+    p = tmp_path / "cut.json"
+    p.write_text(text[: text.index('"c4"') + 10])  # cut inside the 5th record
+    st = ReadStats()
+    convs = load_conversations(resolve_source(str(p)), stats=st, decontaminate=False)
+    assert st.records == 4 and st.truncated and len(convs) == 4
+    assert [c[0] for c in convs] == ["c0", "c1", "c2", "c3"]
+
+
+def test_normalize_and_decontaminate():
+    rec = {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"},
+                             {"from": "gpt", "value": "yo"}, {"from": "human", "value": "dangling"}]}
+    assert normalize_record(rec) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert normalize_record({"conversations": [{"from": "human", "value": "x"}]}) is None
+    fp = {"compose an engaging travel blog post about a recent trip to hawaii"}
+    conv = [{"role": "user", "content": "Compose an engaging   travel blog post about a recent trip to Hawaii"},
+            {"role": "assistant", "content": "ok"}]
+    assert is_contaminated(conv, fp)
+    assert not is_contaminated([{"role": "user", "content": "something else entirely, long enough"}], fp)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def test_loss_mask_covers_exactly_assistant_replies():
+    tok = _fake_tokenizer()
+    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you."},
+            {"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}]
+    f = format_conversation(tok, conv)
+    assert f.input_ids == tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    spans, cur = [], []
+    for i, m in zip(f.input_ids, f.loss_mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    texts = [tok.decode(s).replace(" ", "") for s in spans]  # the char tokenizer's decode adds spaces
+    assert texts == ["helloyou.<|im_end|>\n", "because.<|im_end|>\n"]
+    g = format_conversation(tok, conv, max_tokens=20)
+    assert len(g.input_ids) == 20 and g.truncated and g.loss_mask == f.loss_mask[:20]
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_feature_cache_round_trip_reuse_and_resume(tiny, sharegpt_file, tmp_path, monkeypatch):
+    d, info = prepare_features(tiny, data=str(sharegpt_file), max_conversations=12, max_tokens=96,
+                               cache=tmp_path / "cache", shard_size=5, progress=False)
+    assert info["conversations_used"] == 12 and info["records_read"] == 40
+    cache = FeatureCache(d)
+    assert len(cache) == 12 and len(list(d.glob("shard-*"))) == 3
+    row = cache[7]
+    ids = row["input_ids"][None]
+    ref = target_hidden_states(tiny.model, ids)[0]
+    assert row["hidden"].shape == ref.shape
+    torch.testing.assert_close(row["hidden"], ref.half().float())
+    assert row["loss_mask"].sum() > 0 and row["loss_mask"][0] == 0
+
+    # reuse: same key -> same directory, nothing recomputed
+    def boom(*a, **k):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr("specbench.training.features.target_hidden_states", boom)
+    d2, _ = prepare_features(tiny, data=str(sharegpt_file), max_conversations=12, max_tokens=96,
+                             cache=tmp_path / "cache", shard_size=5, progress=False)
+    assert d2 == d
+    # resume: an unfinished extraction redoes only the missing shard
+    import shutil
+
+    shutil.rmtree(d / "shard-00001")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["complete"] = False
+    (d / "meta.json").write_text(json.dumps(meta))
+    calls = []
+    monkeypatch.setattr("specbench.training.features.target_hidden_states",
+                        lambda m, i, a=None: calls.append(i.shape) or target_hidden_states(m, i, a))
+    prepare_features(tiny, data=str(sharegpt_file), max_conversations=12, max_tokens=96,
+                     cache=tmp_path / "cache", shard_size=5, progress=False)
+    assert sum(s[0] for s in calls) == 5
+    torch.testing.assert_close(FeatureCache(d)[7]["hidden"], row["hidden"])
+    # another max_tokens -> another key, another directory
+    d3, _ = prepare_features(tiny, data=str(sharegpt_file), max_conversations=4, max_tokens=64,
+                             cache=tmp_path / "cache", shard_size=5, progress=False)
+    assert d3 != d
+
+
+def test_make_batch_shift():
+    rows = [{"input_ids": torch.arange(5), "loss_mask": torch.tensor([0., 0, 1, 1, 1]),
+             "hidden": torch.arange(5.)[:, None].repeat(1, 3)},
+            {"input_ids": torch.arange(3), "loss_mask": torch.tensor([0., 1, 1]),
+             "hidden": torch.arange(3.)[:, None].repeat(1, 3)}]
+    b = make_batch(rows)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]]
+    assert b["features"][0, :, 0].tolist() == [0, 1, 2, 3] and b["target"][0, :, 0].tolist() == [1, 2, 3, 4]
+    assert b["loss_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch_order([3, 5, 4, 2, 9], 2, 0, 1) == batch_order([3, 5, 4, 2, 9], 2, 0, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny, tmp_path_factory):
+    p = tmp_path_factory.mktemp("sg") / "sg.json"
+    p.write_text(json.dumps(_conversations(40)))
+    d, _ = prepare_features(tiny, data=str(p), max_conversations=16, max_tokens=64,
+                            cache=tmp_path_factory.mktemp("cache"), progress=False)
+    return FeatureCache(d)
+
+
+def _head_and_loss(tiny, ce_fraction=1.0):
+    from specbench.training.eagle import LossConfig, build_head, frozen_lm_head_fn, make_loss_fn
+
+    head = build_head(tiny.model, seed=0)
+    return head, make_loss_fn(frozen_lm_head_fn(tiny.model.get_output_embeddings()), LossConfig(ce_fraction=ce_fraction))
+
+
+def test_a_few_steps_reduce_the_loss(tiny, tiny_cache, tmp_path):
+    head, loss_fn = _head_and_loss(tiny)
+    cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=4, noise="none", warmup_steps=2, save_every=1000)
+    res = train_loop(head, tiny_cache, loss_fn, cfg, tmp_path / "w", progress=False, log=lambda m: None)
+    assert res.finished and res.step == 32
+    rows = [json.loads(x) for x in (tmp_path / "w" / "loss_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 32
+    first = sum(r["loss"] for r in rows[:4]) / 4
+    last = sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < 0.85 * first, (first, last)
+    assert rows[-1]["vloss"] < rows[0]["vloss"] and rows[-1]["ploss"] < rows[0]["ploss"]
+    assert res.epoch_losses[0]["loss"]["first"] == rows[0]["loss"]
+
+
+def test_resume_after_interruption_is_identical(tiny, tiny_cache, tmp_path):
+    cfg = dict(epochs=2, lr=1e-3, batch_size=3, noise="uniform", warmup_steps=1, save_every=2)
+    # uninterrupted
+    head_a, fn_a = _head_and_loss(tiny, ce_fraction=0.5)
+    train_loop(head_a, tiny_cache, fn_a, TrainConfig(**cfg), tmp_path / "a", progress=False, log=lambda m: None)
+    # interrupted after step 5 (last checkpoint at step 4 + the stop save at 5), then resumed by a fresh process
+    head_b, fn_b = _head_and_loss(tiny, ce_fraction=0.5)
+    r1 = train_loop(head_b, tiny_cache, fn_b, TrainConfig(**cfg, max_steps=5), tmp_path / "b", progress=False,
+                    log=lambda m: None)
+    assert r1.step == 5 and not r1.finished
+    st = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    assert st["step"] == 5
+    head_c, fn_c = _head_and_loss(tiny, ce_fraction=0.5)
+    r2 = train_loop(head_c, tiny_cache, fn_c, TrainConfig(**cfg), tmp_path / "b", progress=False, log=lambda m: None)
+    assert r2.resumed_from == 5 and r2.finished and r2.step == 12
+    for k, v in head_a.trainable_state_dict().items():
+        torch.testing.assert_close(head_c.trainable_state_dict()[k], v, rtol=0, atol=0)
+    la = (tmp_path / "a" / "loss_log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "loss_log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "t"} for x in lines]  # noqa: E731
+    assert strip(la) == strip(lb)
+
+
+def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_path, monkeypatch):
+    from specbench.models.eagle_head import checkpoint_sha256, load_eagle_checkpoint
+    from specbench.training.eagle import train
+
+    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
+    tdir = tmp_path / "target"
+    tiny.model.save_pretrained(tdir)
+    tiny.tokenizer.save_pretrained(tdir)
+    out = train(str(tdir), tmp_path / "ckpt", data=str(sharegpt_file), max_conversations=8, max_tokens=64,
+                epochs=2, lr=2e-3, batch_size=4, seed=0, heldout=3, progress=False, device="cpu",
+                command="test")
+    man = json.loads((out / "MANIFEST.json").read_text())
+    assert man["weights_sha256"] == checkpoint_sha256(out)
+    assert man["data"]["conversations_used"] == 8 and man["training"]["steps"] == 4
+    assert man["target"]["weights_sha256"] and 0 <= man["heldout"]["top1"] <= 1 and man["heldout"]["tokens"] > 0
+    assert [e["epoch"] for e in man["losses_per_epoch"]] == [0, 1]
+    head = load_eagle_checkpoint(out, tiny.model)
+    assert sorted(head.trainable_state_dict()) == sorted(json.loads(json.dumps(list(head.expected_keys()))))
+
+
+def test_self_distillation_regenerates_assistant_turns(tiny, tmp_path):
+    from specbench.training.features import regenerate_conversations
+
+    convs = [("a", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
+                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "old"}]),
+             ("b", [{"role": "user", "content": "why?"}, {"role": "assistant", "content": "old"}])]
+    out = regenerate_conversations(tiny.model, tiny.tokenizer, convs, out_dir=tmp_path, max_tokens=200,
+                                   batch_size=2, max_new_tokens=6, progress=False)
+    assert [c[0] for c in out] == ["a", "b"]
+    a = out[0][1]
+    assert [m["role"] for m in a] == ["user", "assistant", "user", "assistant"]
+    assert a[0]["content"] == "hi" and a[2]["content"] == "more"
+    assert all(m["content"] != "old" for m in a if m["role"] == "assistant")
+    # resumable: a second call regenerates nothing
+    again = regenerate_conversations(None, tiny.tokenizer, convs, out_dir=tmp_path, progress=False)
+    assert again == out
