@@ -43,6 +43,9 @@ def cmd_run(args) -> int:
         raise UsageError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
     out = Path(args.out) if args.out else _default_out(args)
     _check_writable(out)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results file (default results/<method>-<dataset>-t<T>.json)")
     r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")
     r.add_argument("--hf-generate", action="store_true", help="also time transformers' generate() as a second denominator")
+    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
 

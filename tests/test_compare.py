@@ -1,0 +1,502 @@
+"""`specbench compare`, the embedded reference, pytest-benchmark input and Spec-Bench JSONL (no model needed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from specbench.bench import compare as C
+from specbench.bench import metrics
+from specbench.bench import specbench_jsonl as SB
+from specbench.bench.baselines import find, load_baselines
+from specbench.cli import main
+
+ENV = {"date": "2025-01-01T00:00:00+00:00", "python": "3.11", "torch": "2.x", "transformers": "5.x",
+       "specbench": "0.1.0", "cpu": "Test CPU", "cpu_count": 2, "threads": 2, "gpu": None, "cuda": None}
+
+
+def _rec(tokens: int, step_sizes: list[int], wall: float, depth: int = 3) -> dict:
+    reached, accepted = [0] * depth, [0] * depth
+    for s in step_sizes:
+        acc = s - 1
+        for k in range(min(acc + 1, depth)):
+            reached[k] += 1
+            accepted[k] += k < acc
+    return {"new_tokens": tokens, "steps": step_sizes, "reached": reached, "accepted": accepted,
+            "drafted": depth * len(step_sizes), "stop": "length", "tokens": list(range(tokens)), "wall_s": wall,
+            "wall_s_repeats": [wall], "prefill_s": 0.01, "draft_s": 0.1 * wall, "verify_s": 0.8 * wall}
+
+
+def make_doc(method="pld", dataset="mt_bench", target="smollm2-135m", sha="a" * 64, temperature=0.0,
+             step=2, n=3, tokens=24, params=None, gpu=None, limit=3) -> dict:
+    samples = []
+    for i in range(n):
+        steps = [step] * (tokens // step) + ([tokens % step] if tokens % step else [])
+        samples.append({"id": f"{dataset}/{81 + i}", "turn": 0, "category": "writing",
+                        "runs": {"vanilla": _rec(tokens, [1] * tokens, 2.0),
+                                 method: _rec(tokens, steps, 2.0 / (1 + 0.3 * (step - 1)))}})
+    summary = {name: metrics.summarize([s["runs"][name] for s in samples]) for name in ("vanilla", method)}
+    summary[method].update(metrics.speedups(summary[method], summary["vanilla"],
+                                            [(s["runs"][method], s["runs"]["vanilla"]) for s in samples]))
+    summary["greedy_identical"] = {"identical": n, "compared": n}
+    return {
+        "schema_version": 1, "kind": "specbench.run", "definitions": metrics.DEFINITIONS,
+        "config": {"method": method, "params": params if params is not None else {"max_ngram_size": 3},
+                   "baseline": "vanilla", "dataset": dataset, "limit": limit,
+                   "prompt_ids": [s["id"] for s in samples],
+                   "target": {"name": target, "weights_sha256": sha, "source": "embedded"},
+                   "draft_checkpoint_sha256": None,
+                   "sampling": {"temperature": temperature, "top_k": 0, "top_p": 1.0}, "seed": 0,
+                   "max_new_tokens": tokens, "repeats": 1, "dtype": "float32", "device": "cpu", "hf_generate": False},
+        "environment": dict(ENV, gpu=gpu), "samples": samples, "summary": summary, "status": "complete",
+    }
+
+
+def write(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    write(d / "pld-mt.json", make_doc("pld", "mt_bench", step=2))
+    write(d / "lookahead-mt.json", make_doc("lookahead", "mt_bench", step=3, params={"level": 5}))
+    write(d / "pld-he.json", make_doc("pld", "humaneval", step=4))
+    return d
+
+
+def run_cli(argv, capsys):
+    rc = main(["compare", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def snapshot(d: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- table rendering
+
+
+def test_plain_table_rows_and_columns(runs_dir, capsys):
+    rc, out, err = run_cli([str(runs_dir / "*.json"), "--no-baseline"], capsys)
+    assert rc == 0, err
+    header = out.splitlines()[0].split()
+    assert header[:4] == ["target", "dataset", "T", "metric"]
+    assert header[4:] == ["vanilla", "pld", "lookahead"]  # vanilla first, then the project's method order
+    assert "tau" in out and "speedup" in out and "tokens/s" in out
+    assert "2.000" in out and "3.000" in out and "4.000" in out  # the taus of the three runs
+    assert "humaneval" in out and "mt_bench" in out
+    assert "verdicts (" in out
+
+
+@pytest.mark.parametrize("fmt,marker", [("github", "| target"), ("markdown", "|:")])
+def test_markdown_formats(runs_dir, capsys, fmt, marker):
+    rc, out, _ = run_cli([str(runs_dir), "--no-baseline", "--format", fmt], capsys)
+    assert rc == 0
+    assert marker in out
+    assert all(line.startswith("|") for line in out.splitlines()[:4])
+
+
+def test_csv_format_is_pure_csv(runs_dir, capsys):
+    rc, out, err = run_cli([str(runs_dir), "--no-baseline", "--format", "csv"], capsys)
+    assert rc == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == C.CSV_FIELDS
+    taus = {(r["dataset"], r["method"]): float(r["value"]) for r in rows if r["metric"] == "tau"}
+    assert taus[("mt_bench", "pld")] == 2.0 and taus[("mt_bench", "lookahead")] == 3.0
+    assert taus[("mt_bench", "vanilla")] == 1.0
+    assert "verdicts" in err  # notes go to stderr so stdout stays CSV
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def _cells(run_doc, ref_cells, tol=C.EMBEDDED_TOLERANCE, rows=()):
+    run = C._runs_from_doc(run_doc, "run.json")[0]
+    run.label = run.method
+    rs = C.RefSet(rows=list(rows), cells=[(c, tol, "ref.json") for c in ref_cells])
+    return {c.metric: c for c in C.compare([run], rs)}
+
+
+def _ref_cell(doc):
+    r = C._runs_from_doc(doc, "ref-run.json")[0]
+    return C._cell_from_run(r)
+
+
+def test_verdict_pass_regress_improve_on_embedded_reference():
+    ref = _ref_cell(make_doc(step=2))
+    edited_down, edited_up = dict(ref, tau=ref["tau"] * 1.05), dict(ref, tau=ref["tau"] * 0.95)
+    assert _cells(make_doc(step=2), [ref])["tau"].verdict == "pass"
+    assert _cells(make_doc(step=2), [edited_down])["tau"].verdict == "regress"
+    assert _cells(make_doc(step=2), [edited_up])["tau"].verdict == "improve"
+    within = dict(ref, tau=ref["tau"] * 1.01)  # 1 % < the 2 % tau tolerance
+    assert _cells(make_doc(step=2), [within])["tau"].verdict == "pass"
+
+
+def test_speed_is_recorded_not_gated_on_embedded_reference():
+    ref = _ref_cell(make_doc(step=2))
+    cells = _cells(make_doc(step=2), [dict(ref, speedup=ref["speedup"] * 2, tokens_per_s=ref["tokens_per_s"] * 2)])
+    assert cells["speedup"].verdict == "not comparable" and "not gated" in cells["speedup"].reason
+    assert cells["speedup"].ref is not None  # the delta is still shown
+    assert cells["tokens_per_s"].verdict == "not comparable"
+
+
+def test_other_settings_are_not_comparable():
+    ref = _ref_cell(make_doc(step=2))
+    c = _cells(make_doc(step=2, params={"max_ngram_size": 4}), [ref])["tau"]
+    assert c.verdict == "not comparable" and "max_ngram_size" in c.reason
+    c = _cells(make_doc(step=2, tokens=48), [ref])["tau"]
+    assert c.verdict == "not comparable" and "max_new_tokens" in c.reason
+    assert _cells(make_doc(step=2), [])["tau"].reason == "no reference"
+
+
+def test_paper_rows_use_judge_and_hardware_class():
+    rows = load_baselines()
+    [tau_row] = find(rows, paper="HASS", table="Table 1", target="llama2-chat-7b", method="pld",
+                     dataset="mt_bench", temperature=0.0, metric="tau")
+    full = [f"mt_bench/{i}" for i in range(81, 161)]
+
+    def paper_doc(tau_step, gpu=None):
+        d = make_doc("pld", "mt_bench", target="meta-llama/Llama-2-7b-chat-hf", step=tau_step, gpu=gpu, limit=None)
+        d["config"]["prompt_ids"] = full
+        return d
+
+    doc = paper_doc(2)
+    doc["summary"]["pld"]["tau"] = tau_row.value * 1.01
+    c = _cells(doc, [], rows=rows)
+    assert c["tau"].ref.value == tau_row.value and c["tau"].verdict == "pass"
+    assert c["tau"].run.target_key == "llama2-chat-7b"  # HF id -> the baselines' name
+    doc["summary"]["pld"]["tau"] = tau_row.value * 0.9
+    assert _cells(doc, [], rows=rows)["tau"].verdict == "regress"
+    # speedup: HASS numbers are H800; elsewhere never "pass"
+    [sp_row] = find(rows, paper="HASS", table="Table 2", target="llama2-chat-7b", method="eagle2",
+                    dataset="mt_bench", temperature=0.0, metric="speedup")
+    d2 = paper_doc(3)
+    d2["config"]["method"] = "eagle2"
+    d2["summary"]["eagle2"] = dict(d2["summary"].pop("pld"), speedup=sp_row.value)
+    d2["config"]["params"] = {"depth": 6, "top_k": 10, "total_tokens": 60}
+    assert _cells(d2, [], rows=rows)["speedup"].verdict == "not comparable"
+    d2["environment"]["gpu"] = "NVIDIA H800 PCIe"
+    assert _cells(d2, [], rows=rows)["speedup"].verdict == "pass"
+    d2["config"]["params"]["total_tokens"] = 16  # another tree than the paper's: not comparable
+    assert "tree" in _cells(d2, [], rows=rows)["tau"].reason
+    # a prompt subset is not the paper's measurement
+    d3 = paper_doc(2)
+    d3["config"]["prompt_ids"] = full[:3]
+    assert "3 of the 80" in _cells(d3, [], rows=rows)["tau"].reason
+
+
+# ---------------------------------------------------------------- gate
+
+
+@pytest.fixture
+def recorded(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    write(res / "pld-mt.json", make_doc("pld", "mt_bench", step=2))
+    write(res / "pld-he.json", make_doc("pld", "humaneval", step=3))
+    ref = tmp_path / "ref.json"
+    rc, _, err = run_cli([str(res), "--no-baseline", "--write-reference", str(ref)], capsys)
+    assert rc == 0, err
+    return res, ref
+
+
+def test_write_reference_records_cells_and_command(recorded):
+    _, ref = recorded
+    data = json.loads(ref.read_text())
+    assert data["kind"] == C.REFERENCE_KIND and len(data["cells"]) == 2
+    assert data["recorded_by"]["record_command"].startswith("specbench compare")
+    assert data["recorded_by"]["environment"]["cpu"] == "Test CPU"
+    assert data["tolerance"]["tau"]["gate"] is True and data["tolerance"]["speedup"]["gate"] is False
+
+
+@pytest.mark.parametrize("factor,rc_want", [(0.95, 1), (0.99, 0), (1.0, 0), (1.05, 0)])
+def test_gate_fails_when_tau_is_edited_down_beyond_tolerance(recorded, capsys, factor, rc_want):
+    res, ref = recorded
+    f = res / "pld-mt.json"
+    doc = json.loads(f.read_text())
+    doc["summary"]["pld"]["tau"] *= factor
+    f.write_text(json.dumps(doc))
+    rc, out, err = run_cli([str(res / "*.json"), "--baseline", str(ref), "--gate"], capsys)
+    assert rc == rc_want, out + err
+    if rc_want:
+        assert "REGRESS" in out and "gate: REGRESS pld tau" in err
+    else:
+        assert "gate: ok" in out
+
+
+def test_gate_against_default_baselines_dir(recorded, capsys, monkeypatch, tmp_path):
+    res, ref = recorded
+    emb = tmp_path / "embedded"
+    emb.mkdir()
+    (emb / "ref.json").write_text(ref.read_text())
+    monkeypatch.setattr(C, "EMBEDDED_DIR", emb)
+    monkeypatch.setattr(C.embedded_references, "__defaults__", (emb,))
+    rc, out, _ = run_cli([str(res), "--gate"], capsys)
+    assert rc == 0 and "pass" in out and "paper + embedded" in out
+
+
+def test_run_against_run_baseline(tmp_path, capsys):
+    a = write(tmp_path / "a.json", make_doc("pld", step=2))
+    b = write(tmp_path / "b.json", make_doc("pld", step=2))
+    rc, out, err = run_cli([str(a), "--baseline", str(b), "--gate"], capsys)
+    assert rc == 0 and "pass" in out
+    doc = make_doc("pld", step=2)
+    doc["summary"]["pld"]["tau"] *= 0.9
+    write(a, doc)
+    rc, _, err = run_cli([str(a), "--baseline", str(b), "--gate"], capsys)
+    assert rc == 1 and "REGRESS" in err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path) -> dict:
+    good = make_doc()
+    text = json.dumps(good)
+    d = tmp_path / "bad"
+    d.mkdir()
+    write(d / "good.json", good)
+    (d / "corrupt.json").write_text("{this is not json")
+    (d / "truncated.json").write_text(text[: len(text) // 2])
+    write(d / "newer.json", dict(good, schema_version=99))
+    write(d / "other-target.json", make_doc(target="meta-llama/Llama-2-7b-chat-hf", sha="b" * 64))
+    return {"dir": d, "good": d / "good.json"}
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("corrupt", "not valid JSON"),
+    ("truncated", "truncated or corrupt"),
+    ("newer", "schema version 99 is newer"),
+    ("mixed", "mismatched runs"),
+    ("empty-glob", "no results files match"),
+    ("no-args", "no results files given"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, expect):
+    b = _bad_inputs(tmp_path)
+    d = b["dir"]
+    args = {"corrupt": [str(b["good"]), str(d / "corrupt.json")],
+            "truncated": [str(d / "truncated.json")],
+            "newer": [str(b["good"]), str(d / "newer.json")],
+            "mixed": [str(b["good"]), str(d / "other-target.json")],
+            "empty-glob": [str(tmp_path / "nothing" / "*.json")],
+            "no-args": []}[case]
+    before = snapshot(d)
+    ref, png = tmp_path / "out-ref.json", tmp_path / "out.png"
+    rc, out, err = run_cli(args + ["--write-reference", str(ref), "--plot", str(png), "--gate"], capsys)
+    assert rc == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specbench: error:") and expect in lines[0], err
+    assert snapshot(d) == before  # inputs untouched
+    assert not ref.exists() and not png.exists()  # nothing written
+
+
+def test_mixed_targets_allowed_on_request(tmp_path, capsys):
+    b = _bad_inputs(tmp_path)
+    rc, out, _ = run_cli([str(b["good"]), str(b["dir"] / "other-target.json"), "--allow-mixed-targets",
+                          "--no-baseline"], capsys)
+    assert rc == 0 and "llama2-chat-7b" in out and "smollm2-135m" in out
+
+
+def test_same_target_other_weights_is_always_an_error(tmp_path, capsys):
+    a = write(tmp_path / "a.json", make_doc(sha="a" * 64))
+    b = write(tmp_path / "b.json", make_doc("lookahead", sha="c" * 64))
+    rc, _, err = run_cli([str(a), str(b), "--allow-mixed-targets"], capsys)
+    assert rc == 2 and "different weights" in err
+
+
+def test_duplicate_runs_are_an_error(tmp_path, capsys):
+    a = write(tmp_path / "a.json", make_doc())
+    b = write(tmp_path / "b.json", make_doc())
+    rc, _, err = run_cli([str(a), str(b)], capsys)
+    assert rc == 2 and "both hold pld" in err
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    a = write(tmp_path / "a.json", make_doc())
+    before = a.read_bytes()
+    rc, _, err = run_cli([str(a), "--write-reference", str(a)], capsys)
+    assert rc == 2 and "refusing to overwrite" in err and a.read_bytes() == before
+
+
+def test_a_reference_file_given_as_input_is_explained(recorded, capsys):
+    _, ref = recorded
+    rc, _, err = run_cli([str(ref)], capsys)
+    assert rc == 2 and "pass it with --baseline" in err
+
+
+# ---------------------------------------------------------------- pytest-benchmark JSON
+
+
+def test_reads_pytest_benchmark_json(tmp_path, capsys):
+    docs = [make_doc("pld", step=2), make_doc("lookahead", step=3, params={"level": 5})]
+    bench = {"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "commit_info": {}, "version": "5.2.3",
+             "datetime": "2025-01-01T00:00:00", "benchmarks": [
+                 {"group": "g", "name": f"test_x[{d['config']['method']}]", "fullname": "suites/test_x.py::test_x",
+                  "params": {}, "stats": {"min": 1.0, "max": 1.0, "mean": 1.0, "rounds": 1},
+                  "extra_info": {"tau": d["summary"][d["config"]["method"]]["tau"],
+                                 "specbench": C.benchmark_record(d, "results/x.json")}} for d in docs]
+             + [{"name": "test_unrelated", "stats": {}, "extra_info": {}}]}
+    f = write(tmp_path / "bench.json", bench)
+    rc, out, err = run_cli([str(f), "--no-baseline", "--format", "csv"], capsys)
+    assert rc == 0, err
+    rows = [r for r in csv.DictReader(io.StringIO(out)) if r["metric"] == "tau"]
+    assert {r["method"]: float(r["value"]) for r in rows} == {"vanilla": 1.0, "pld": 2.0, "lookahead": 3.0}
+    assert all("bench.json::test_x" in r["source"] for r in rows if r["method"] != "vanilla")
+    # a results file recorded as reference gates the benchmark file's runs as well
+    ref = tmp_path / "ref.json"
+    assert run_cli([str(f), "--no-baseline", "--write-reference", str(ref)], capsys)[0] == 0
+    rc, _, _ = run_cli([str(f), "--baseline", str(ref), "--gate"], capsys)
+    assert rc == 0
+
+
+def test_benchmark_json_without_specbench_runs(tmp_path, capsys):
+    f = write(tmp_path / "bench.json", {"machine_info": {}, "benchmarks": [{"name": "t", "extra_info": {}}]})
+    rc, _, err = run_cli([str(f)], capsys)
+    assert rc == 2 and "without specbench runs" in err
+
+
+# ---------------------------------------------------------------- Spec-Bench JSONL
+
+
+def test_specbench_jsonl_round_trip(tmp_path, capsys):
+    doc = make_doc("lookahead", "mt_bench", step=3, params={"level": 5, "window": 7, "guess": 7})
+    src = write(tmp_path / "la.json", doc)
+    written = SB.export_runs([str(src)], tmp_path / "sb", tokenizer=False)
+    assert [p.name for p in written] == ["smollm2-135m-lookahead-float32-temperature-0.0.jsonl",
+                                         "smollm2-135m-vanilla-float32-temperature-0.0-for-lookahead.jsonl"]
+    lines = [json.loads(x) for x in written[0].read_text().splitlines()]
+    a = lines[0]
+    assert set(a) >= {"question_id", "answer_id", "model_id", "choices", "tstamp", "category"}
+    assert a["question_id"] == 81
+    ch = a["choices"][0]
+    assert set(ch) >= {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+    assert sum(ch["accept_lengths"]) == sum(ch["new_tokens"])
+    [back] = SB.import_results(written[0], written[1])
+    for name in ("lookahead", "vanilla"):
+        for k in ("tau", "tau_macro", "alpha_k", "reached_k", "tokens_per_s", "new_tokens", "steps", "wall_s"):
+            assert back["summary"][name][k] == pytest.approx(doc["summary"][name][k]), (name, k)
+    assert back["summary"]["lookahead"]["speedup"] == pytest.approx(doc["summary"]["lookahead"]["speedup"])
+    assert back["config"]["params"] == doc["config"]["params"]
+    assert back["config"]["prompt_ids"] == doc["config"]["prompt_ids"]
+    # compare reads the JSONL directly, paired with its vanilla file
+    rc, out, err = run_cli([str(written[0]), "--specbench-base", str(written[1]), "--no-baseline",
+                            "--format", "csv"], capsys)
+    assert rc == 0, err
+    taus = {r["method"]: float(r["value"]) for r in csv.DictReader(io.StringIO(out)) if r["metric"] == "tau"}
+    assert taus["lookahead"] == pytest.approx(3.0)
+    assert "Spec-Bench speed.py convention" in err
+
+
+def test_specbench_foreign_answers_speed_py_conventions(tmp_path):
+    def ans(qid, cat, new, wall, acc):
+        return {"question_id": qid, "category": cat, "answer_id": "x", "model_id": "vicuna-7b-v1.3-eagle-float16-temperature-0.0",
+                "choices": [{"index": 0, "turns": ["a", "b"], "idxs": [len(acc) - 1, 0], "new_tokens": new,
+                             "wall_time": wall, "accept_lengths": acc}], "tstamp": 0.0}
+
+    m = tmp_path / "m.jsonl"
+    b = tmp_path / "b.jsonl"
+    m.write_text("\n".join(json.dumps(x) for x in [
+        ans(81, "writing", [6, 4], [1.0, 1.0], [3, 3, 2, 2]),
+        ans(241, "summarization", [4, 0], [1.0, 0.0], [1, 3])]) + "\n")
+    b.write_text("\n".join(json.dumps(dict(x, model_id="vicuna-7b-v1.3-vanilla-float16-temp-0.0")) for x in [
+        ans(81, "writing", [6, 4], [2.0, 2.0], [1] * 10), ans(241, "summarization", [4, 0], [4.0, 0.0], [1] * 4)]) + "\n")
+    assert SB.parse_model_id("vicuna-7b-v1.3-eagle-float16-temperature-0.0") == {
+        "target": "vicuna-7b-v1.3", "method": "eagle", "temperature": 0.0, "dtype": "float16"}
+    assert SB.parse_model_id("vicuna-7b-v1.3-lade-level-5-win-7-guess-7-float16")["method"] == "lookahead"
+    docs = {d["config"]["dataset"]: d for d in SB.import_results(m, b)}
+    assert set(docs) == {"mt_bench", "summarization"}
+    mt = docs["mt_bench"]
+    assert mt["summary"]["eagle"]["tau"] == pytest.approx(10 / 4)  # = mean of accept_lengths
+    sp = mt["compare_extra"]["specbench_speed"]
+    assert sp["mean_accepted_tokens"] == pytest.approx(2.5)
+    assert sp["speedup_ratio"] == pytest.approx((10 / 2) / (10 / 4))
+    assert mt["config"]["target"]["name"] == "vicuna-7b-v1.3"
+    run = C._runs_from_doc(mt, "m.jsonl")[0]
+    assert run.target_key == "vicuna-7b-v1.3" and run.method == "eagle"
+
+
+def test_specbench_truncated_jsonl(tmp_path, capsys):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"question_id": 1, "choices": [{"turns": [], "new_tokens": [], "wall_time": []}]}\n{"question_id": 2, "cho')
+    rc, _, err = run_cli([str(f)], capsys)
+    assert rc == 2 and "line 2 is not valid JSON" in err
+
+
+# ---------------------------------------------------------------- plot
+
+
+def test_plot_writes_png(runs_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "fig.png"
+    rc, out, err = run_cli([str(runs_dir), "--no-baseline", "--plot", str(png)], capsys)
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_is_a_clear_error(runs_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "fig.png"
+    rc, out, err = run_cli([str(runs_dir), "--no-baseline", "--plot", str(png)], capsys)
+    assert rc == 2 and "pip install 'specbench[plot]'" in err and not png.exists() and out == ""
+
+
+# ---------------------------------------------------------------- the suites cover every table row
+
+
+def test_suites_cover_every_table_cell():
+    import re
+
+    suites = Path(__file__).resolve().parents[1] / "suites"
+    sys.path.insert(0, str(suites))
+    try:
+        import _harness
+    finally:
+        sys.path.remove(str(suites))
+    declared = set()
+    for f in suites.glob("test_*.py"):
+        declared |= set(re.findall(r'cases\("([^"]+)", "([^"]+)"', f.read_text()))
+    rows = load_baselines()
+    cells = [r for r in rows if r.dataset is not None and r.temperature is not None and "bound" not in r.extra]
+    assert {(r.paper, r.table) for r in cells} <= declared
+    import warnings
+
+    with warnings.catch_warnings():  # the suites' markers are registered by suites/conftest.py, not here
+        warnings.simplefilter("ignore")
+        params = [p for paper, table in declared for p in _harness.cases(paper, table)]
+    covered = {r.key() for p in params if p.values[0].mode == "paper" for r in p.values[0].rows}
+    missing = [r for r in cells if r.key() not in covered]
+    assert not missing, missing[:3]
+    for paper, table in declared:  # ids are unique within a file (nodeids differ across files)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t_ids = [p.id for p in _harness.cases(paper, table)]
+        assert len(t_ids) == len(set(t_ids)), (paper, table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t1 = _harness.cases("HASS", "Table 1", quick={"methods": ("pld", "lookahead"),
+                                                      "datasets": ("mt_bench", "humaneval", "gsm8k"),
+                                                      "temperatures": (0.0,)})
+    quick = [p for p in t1 if "quick" in p.id]
+    assert len(quick) == 6 and all(p.values[0].mode == "embedded" and p.values[0].profile == "quick" for p in quick)
+    assert all(m.name != "slow" for p in quick for m in p.marks)  # selected by the default -m 'not slow'
+
+
+def test_benchmark_record_of_an_input_results_file_is_not_a_duplicate(tmp_path, capsys):
+    doc = make_doc("pld", step=2)
+    res = write(tmp_path / "pld.json", doc)
+    bench = {"machine_info": {}, "version": "5.2.3", "benchmarks": [
+        {"name": "test_x[pld]", "extra_info": {"specbench": C.benchmark_record(doc, str(res))}}]}
+    write(tmp_path / "benchmark.json", bench)
+    rc, out, err = run_cli([str(tmp_path), "--no-baseline"], capsys)  # a directory holding both
+    assert rc == 0, err
+    assert out.count("2.000") == 1
