@@ -1,0 +1,237 @@
+"""Search EAGLE-2's (depth, total_tokens) for this CPU on the embedded target, like HASS Table 9.
+
+    python suites/eagle2_cpu_search.py --out results/eagle2_cpu_search.json
+
+HASS (arXiv 2408.15766, Table 9) varies EAGLE-2's draft-tree depth and number of draft tokens
+and reports the speedup on MT-bench; the GPU optimum is depth 6-8 and 60-100 tokens.  A CPU
+target forward costs roughly in proportion to the tree size (here ~60 ms for 1 token, ~210 ms
+for 64), so the best CPU tree is much smaller.  This script measures, for every setting of
+the grid (depth x total_tokens x top_k x draft_vocab):
+
+* tau (pooled new tokens / steps, bonus included) and its per-prompt median,
+* the speedup = (eagle2 tokens/s) / (vanilla tokens/s), vanilla run right before eagle2 on the
+  same prompt in this process (so load drift on a shared machine hits both); median over
+  prompts and pooled (sum of seconds), plus the same ratio on process CPU time,
+* draft ms per step (propose + KV refresh) and verify ms per step (target tree forward + verify),
+* greedy equality with vanilla (every setting; a divergence is logged with the target's top-2
+  logit gap at that position).
+
+`depth` counts draft levels (the paper's "depth 6" = the official code's `--depth 5`);
+`total_tokens` counts tree nodes including the root (the official `--total-token`).
+The chosen CPU setting (best median speedup) is recorded under "chosen".  The JSON is
+rewritten atomically after every setting; `--resume` skips settings already measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from specbench.decoding import SamplingConfig, generate
+from specbench.methods.base import DrafterBase
+from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, default_checkpoint_dir, parse_tree, resolve_head
+from specbench.models.eagle_head import checkpoint_sha256
+from specbench.models.target import Target
+
+QUESTIONS = Path("/work/shared/data/spec_bench/question.jsonl")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def mt_bench_prompts(target: Target, k: int) -> list[tuple[str, list[int]]]:
+    """k MT-bench turn-1 prompts spread evenly over the 8 categories, chat template applied."""
+    try:
+        from specbench.bench.datasets import load_prompts
+
+        rows = [(p.id, p.turns[0]) for p in load_prompts("mt_bench")]
+    except Exception:  # noqa: BLE001 - fall back to the shared copy of the same file
+        rows = [(f"mt_bench/{r['question_id']}", r["turns"][0])
+                for r in map(json.loads, QUESTIONS.read_text().splitlines()[:80])]
+    pick = [rows[i * len(rows) // k] for i in range(k)] if k < len(rows) else rows
+    tok = target.tokenizer
+    out = []
+    for qid, text in pick:
+        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        out.append((qid, tok(s, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def timed(target, drafter, prompt, max_new):
+    t0, c0 = time.perf_counter(), time.process_time()
+    g = generate(target, drafter, prompt, max_new, SamplingConfig(), None, target.eos_token_ids)
+    return g, time.perf_counter() - t0, time.process_time() - c0
+
+
+def top2_gap(target: Target, seq: list[int]) -> float:
+    with torch.inference_mode():
+        top = target.model(torch.tensor([seq])).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def measure(target, make_drafter, prompts, max_new) -> dict:
+    rows = []
+    for qid, prompt in prompts:
+        van, tv, cv = timed(target, DrafterBase(), prompt, max_new)
+        g, tm, cm = timed(target, make_drafter(), prompt, max_new)
+        row = {"prompt": qid, "new_tokens": len(g.tokens), "steps": len(g.steps), "tau": len(g.tokens) / len(g.steps),
+               "vanilla_s": tv, "method_s": tm, "speedup": (len(g.tokens) / tm) / (len(van.tokens) / tv),
+               "cpu_speedup": (len(g.tokens) / cm) / (len(van.tokens) / cv),
+               "draft_ms_per_step": 1000 * g.draft_s / len(g.steps),
+               "verify_ms_per_step": 1000 * g.verify_s / len(g.steps),
+               "vanilla_ms_per_token": 1000 * tv / max(len(van.tokens), 1),
+               "alpha": [a / r for a, r in zip(g.accepted, g.reached) if r],
+               "greedy_equal": g.tokens == van.tokens}
+        if not row["greedy_equal"]:
+            i = next((j for j, (a, b) in enumerate(zip(g.tokens, van.tokens)) if a != b),
+                     min(len(g.tokens), len(van.tokens)))
+            row.update(first_diff=i, top2_logit_gap=top2_gap(target, prompt + van.tokens[:i]))
+            log(f"  !! greedy mismatch on {qid} at token {i}, top-2 logit gap {row['top2_logit_gap']:.2e}")
+        rows.append(row)
+    return {
+        "tau": sum(r["new_tokens"] for r in rows) / sum(r["steps"] for r in rows),
+        "tau_median": statistics.median(r["tau"] for r in rows),
+        "speedup_median": statistics.median(r["speedup"] for r in rows),
+        "speedup_pooled": sum(r["vanilla_s"] * r["new_tokens"] for r in rows) / sum(r["method_s"] * r["new_tokens"]
+                                                                                  for r in rows),
+        "cpu_time_speedup_median": statistics.median(r["cpu_speedup"] for r in rows),
+        "draft_ms_per_step_median": statistics.median(r["draft_ms_per_step"] for r in rows),
+        "verify_ms_per_step_median": statistics.median(r["verify_ms_per_step"] for r in rows),
+        "vanilla_ms_per_token_median": statistics.median(r["vanilla_ms_per_token"] for r in rows),
+        "greedy_equal": all(r["greedy_equal"] for r in rows),
+        "per_prompt": rows,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--checkpoint", default="", help="EAGLE head directory (default: the committed head)")
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--depths", default="3,4,5,6")
+    ap.add_argument("--total-tokens", default="8,16,32,60")
+    ap.add_argument("--top-ks", default="10")
+    ap.add_argument("--draft-vocabs", default="0,8192", help="0 = full vocabulary")
+    ap.add_argument("--eagle-trees", default="mc_sim_7b_63,cpu_10", help="EAGLE static trees measured for reference")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="results/eagle2_cpu_search.json")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from specbench.models import load_model
+
+    target = Target.from_loaded(load_model(args.model, dtype="float32", device="cpu"))
+    ckpt = args.checkpoint or str(default_checkpoint_dir())
+    head = resolve_head("eagle2", target, args.checkpoint)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    grid = list(itertools.product(ints(args.depths), ints(args.total_tokens), ints(args.top_ks),
+                                  ints(args.draft_vocabs)))
+    out_path = Path(args.out)
+    if args.resume and out_path.exists():
+        result = json.loads(out_path.read_text())
+    else:
+        result = {
+            "what": "EAGLE-2 (depth, total_tokens) search on CPU like HASS Table 9: tokens/s ratio vs vanilla, "
+                    "same process, greedy, MT-bench turn 1",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+            "target": target.name, "weights_sha256": target.weights_sha256,
+            "checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt),
+            "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
+            "max_new_tokens": args.max_new, "stop": "eos",
+            "grid": {"depth": ints(args.depths), "total_tokens": ints(args.total_tokens), "top_k": ints(args.top_ks),
+                     "draft_vocab": ints(args.draft_vocabs)},
+            "definitions": {"depth": "draft levels (paper's depth; official code --depth + 1)",
+                            "total_tokens": "tree nodes incl. the root (official --total-token)",
+                            "draft_vocab": "0 = full vocabulary; N = first N token ids + every token of the "
+                                           "sequence so far (draft candidates only; lossless either way)",
+                            "tau": "pooled new tokens / steps (bonus included)",
+                            "speedup_median": "median over prompts of (eagle2 tok/s) / (vanilla tok/s), vanilla run "
+                                              "right before eagle2 on the same prompt",
+                            "speedup_pooled": "total vanilla time / total eagle2 time (per-token weighted)",
+                            "cpu_time_speedup_median": "as speedup_median on process CPU time",
+                            "loadavg_1min": "machine load when the setting started (a shared 2-core machine)"},
+            "settings": [], "eagle_reference": []}
+    if result.get("checkpoint_sha256") != checkpoint_sha256(ckpt):
+        raise SystemExit(f"{out_path} was measured with another head; use another --out or drop --resume")
+    for key, vals in (("depth", ints(args.depths)), ("total_tokens", ints(args.total_tokens)),
+                      ("top_k", ints(args.top_ks)), ("draft_vocab", ints(args.draft_vocabs))):
+        result["grid"][key] = sorted(set(result["grid"].get(key, [])) | set(vals))  # resumed runs add settings
+    result.setdefault("commands", [])
+    result["commands"].append("python suites/eagle2_cpu_search.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    prompts = mt_bench_prompts(target, args.prompts)
+    if args.resume and (result.get("prompt_ids") not in (None, [q for q, _ in prompts])
+                        or result["max_new_tokens"] != args.max_new or result["threads"] != args.threads):
+        raise SystemExit("--resume needs the file's --prompts, --max-new and --threads")
+    result["prompt_ids"] = [q for q, _ in prompts]
+    log(f"target {target.name}, head {ckpt}, threads {torch.get_num_threads()}, prompts {result['prompt_ids']}")
+    timed(target, DrafterBase(), prompts[0][1], 8)  # warm-up
+    timed(target, Eagle2Drafter(head, 4, 10, 16), prompts[0][1], 8)
+    done = {(s["depth"], s["total_tokens"], s["top_k"], s["draft_vocab"]) for s in result["settings"]}
+    for depth, total, k, dv in grid:
+        if (depth, total, k, dv) in done:
+            continue
+        entry = {"depth": depth, "total_tokens": total, "top_k": k, "draft_vocab": dv,
+                 "loadavg_1min": os.getloadavg()[0],
+                 **measure(target, lambda: Eagle2Drafter(head, depth, k, total, draft_vocab=dv), prompts, args.max_new)}
+        result["settings"].append(entry)
+        log(f"depth={depth} total={total} top_k={k} vocab={dv}: tau={entry['tau']:.2f} "
+            f"speedup median={entry['speedup_median']:.3f} pooled={entry['speedup_pooled']:.3f} "
+            f"cpu={entry['cpu_time_speedup_median']:.3f} draft {entry['draft_ms_per_step_median']:.1f} ms/step "
+            f"verify {entry['verify_ms_per_step_median']:.1f} ms/step greedy_equal={entry['greedy_equal']}")
+        write_json(out_path, result)
+    done_trees = {(e["tree"], e["draft_vocab"]) for e in result.get("eagle_reference", [])}
+    for tree in [t for t in args.eagle_trees.split(",") if t]:
+        for dv in ints(args.draft_vocabs):
+            if (tree, dv) in done_trees:
+                continue
+            entry = {"tree": tree, "draft_vocab": dv, "loadavg_1min": os.getloadavg()[0],
+                     **measure(target, lambda: EagleDrafter(head, parse_tree(tree), draft_vocab=dv), prompts,
+                               args.max_new)}
+            result.setdefault("eagle_reference", []).append(entry)
+            log(f"EAGLE tree={tree} vocab={dv}: tau={entry['tau']:.2f} speedup median={entry['speedup_median']:.3f}")
+            write_json(out_path, result)
+    if result["settings"]:
+        best = max(result["settings"], key=lambda s: s["speedup_median"])
+        result["chosen"] = {k: best[k] for k in ("depth", "total_tokens", "top_k", "draft_vocab", "tau",
+                                                 "speedup_median", "speedup_pooled")}
+        log(f"chosen: {result['chosen']}")
+    result["all_greedy_equal"] = all(s["greedy_equal"] for s in result["settings"] + result.get("eagle_reference", []))
+    write_json(out_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
