@@ -90,6 +90,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .methods import get_method
+
+    method = get_method(args.method)
+    if method.train is None:
+        raise UsageError(f"method {args.method!r} is training-free; nothing to train")
+    return method.train(args.train_args)
+
+
 def cmd_models(args) -> int:
     from .models import load_model
 
@@ -125,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
 
+    t = sub.add_parser("train", help="train a method's drafter (arguments after --method go to the method's trainer; "
+                                     "`specbench train --method eagle --help` lists them)", add_help=False)
+    t.add_argument("--method", required=True)
+    t.set_defaults(func=cmd_train)
+
     lst = sub.add_parser("list", help="methods, datasets and embedded models")
     lst.set_defaults(func=cmd_list)
 
@@ -140,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except SpecbenchError as e:

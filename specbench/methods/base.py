@@ -50,7 +50,11 @@ class DrafterBase:
 
 @dataclass(frozen=True)
 class Method:
-    """`drafter(target, sampling, generator, **params) -> Drafter`; `train(**kwargs)` or None."""
+    """`drafter(target, sampling, generator, **params) -> Drafter`.
+
+    `train(argv) -> exit status` is the method's training command line (`specbench train
+    --method NAME ARGS...` passes ARGS), or None for training-free methods.
+    """
 
     name: str
     description: str

@@ -482,10 +482,18 @@ def _eagle2_drafter(target, sampling, generator, checkpoint: Any = "", depth: in
     return Eagle2Drafter(head, int(depth), int(top_k), int(total_tokens), draft_vocab=int(draft_vocab))
 
 
+def _train(argv: list[str]) -> int:
+    """`specbench train --method eagle|eagle2 ...`: both methods share one head and one trainer."""
+    from ..training.eagle import main  # accelerate/datasets only when training
+
+    return main(argv)
+
+
 EAGLE = Method(
     "eagle",
     "EAGLE (Li et al. 2024): feature-level draft head, static tree (default mc_sim_7b_63, 25 drafts)",
     _eagle_drafter,
+    train=_train,
     defaults={"checkpoint": "", "tree": "mc_sim_7b_63", "draft_vocab": 0},
 )
 
@@ -493,5 +501,6 @@ EAGLE2 = Method(
     "eagle2",
     "EAGLE-2 (Li et al. 2024): EAGLE head, dynamic tree by draft confidence (depth levels, top_k, total_tokens)",
     _eagle2_drafter,
+    train=_train,
     defaults={"checkpoint": "", "depth": 6, "top_k": 10, "total_tokens": 60, "draft_vocab": 0},
 )

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m specbench.training.eagle ...``: the same as ``specbench train --method eagle``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m specbench.training.eagle", description=train.__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="specbench train --method eagle", description=train.__doc__.splitlines()[0])
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", default="sharegpt")
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cmd = "python -m specbench.training.eagle " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    cmd = "specbench train --method eagle " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     train(a.target, a.out, data=a.data, max_conversations=a.max_conversations, max_tokens=a.max_tokens,
           epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, ce_fraction=a.ce_fraction,
           self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache, work_dir=a.work_dir,
