@@ -186,7 +186,6 @@ def test_mask_rows_follow_the_paper_rule(N, W):
             # hence: a causal sequence, one token at each position 0..r+c
             seen = [0] + [prop.extra_positions[j] for j in range(m) if row[n_tree + j]]
             assert sorted(seen) == list(range(r + c + 1))
-        # the target's full mask: the tree never sees the lookahead branch
         if d.warm:
             break
         d.update(Tree(root, prop), None, _one_hot_out([7] * m))
