@@ -37,34 +37,19 @@ from pathlib import Path
 
 import torch
 
+from specbench.bench.datasets import DATA_DIR
+from specbench.bench.results import cpu_name, write_atomic
 from specbench.decoding import SamplingConfig, generate
 from specbench.methods.base import DrafterBase
 from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, default_checkpoint_dir, parse_tree, resolve_head
 from specbench.models.eagle_head import checkpoint_sha256
 from specbench.models.target import Target
 
-QUESTIONS = Path("/work/shared/data/spec_bench/question.jsonl")
+QUESTIONS = DATA_DIR / "spec_bench" / "question.jsonl"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def mt_bench_prompts(target: Target, k: int) -> list[tuple[str, list[int]]]:
@@ -211,7 +196,7 @@ def main(argv=None) -> int:
             f"speedup median={entry['speedup_median']:.3f} pooled={entry['speedup_pooled']:.3f} "
             f"cpu={entry['cpu_time_speedup_median']:.3f} draft {entry['draft_ms_per_step_median']:.1f} ms/step "
             f"verify {entry['verify_ms_per_step_median']:.1f} ms/step greedy_equal={entry['greedy_equal']}")
-        write_json(out_path, result)
+        write_atomic(out_path, result)
     done_trees = {(e["tree"], e["draft_vocab"]) for e in result.get("eagle_reference", [])}
     for tree in [t for t in args.eagle_trees.split(",") if t]:
         for dv in ints(args.draft_vocabs):
@@ -222,14 +207,14 @@ def main(argv=None) -> int:
                                args.max_new)}
             result.setdefault("eagle_reference", []).append(entry)
             log(f"EAGLE tree={tree} vocab={dv}: tau={entry['tau']:.2f} speedup median={entry['speedup_median']:.3f}")
-            write_json(out_path, result)
+            write_atomic(out_path, result)
     if result["settings"]:
         best = max(result["settings"], key=lambda s: s["speedup_median"])
         result["chosen"] = {k: best[k] for k in ("depth", "total_tokens", "top_k", "draft_vocab", "tau",
                                                  "speedup_median", "speedup_pooled")}
         log(f"chosen: {result['chosen']}")
     result["all_greedy_equal"] = all(s["greedy_equal"] for s in result["settings"] + result.get("eagle_reference", []))
-    write_json(out_path, result)
+    write_atomic(out_path, result)
     return 0
 
 

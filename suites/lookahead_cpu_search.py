@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
+from specbench.bench.datasets import DATA_DIR
+from specbench.bench.results import cpu_name, write_atomic
 from specbench.decoding import SamplingConfig, generate
 from specbench.methods.base import DrafterBase
 from specbench.methods.lookahead import LookaheadDrafter
 from specbench.models.target import Target
 
-DEFAULT_QUESTIONS = "/work/shared/data/spec_bench/question.jsonl"
+DEFAULT_QUESTIONS = str(DATA_DIR / "spec_bench" / "question.jsonl")
 SPEC_BENCH_DEFAULT = {"level": 5, "window": 7, "guess": 7}
 
 
@@ -50,27 +52,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_target(spec: str) -> Target:
-    try:
-        from specbench.models import load_model
+    from specbench.models import load_model
 
-        return Target.from_loaded(load_model(spec, dtype="float32", device="cpu"))
-    except Exception as e:  # noqa: BLE001 - fall back to the local safetensors copy
-        log(f"load_model({spec!r}) failed ({type(e).__name__}: {e}); using /tmp/smol/st")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained("/tmp/smol/st", dtype=torch.float32).eval()
-        return Target(model, AutoTokenizer.from_pretrained("/tmp/smol/st"), name="smollm2-135m(/tmp/smol/st)")
+    return Target.from_loaded(load_model(spec, dtype="float32", device="cpu"))
 
 
 def mt_bench_prompts(target: Target, path: str, k: int) -> list[tuple[int, list[int]]]:
@@ -93,13 +78,6 @@ def run(target: Target, drafter, prompt: list[int], max_new: int, cpu: list | No
     if cpu is not None:
         cpu.append(time.process_time() - c0)
     return g, time.perf_counter() - t0
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def top2_gap(target: Target, seq: list[int]) -> float:
@@ -161,14 +139,14 @@ def search(target, prompts, grid, max_new, result, out_path, resume, metric):
         log(f"W={W} N={N} G={G}: tau={entry['tau']:.3f} speedup (wall) {entry['speedup_median']:.3f} "
             f"(cpu time) {entry['cpu_time_speedup_median']:.3f}; draft {entry['draft_ms_per_step_median']:.2f} "
             f"ms/step, verify {entry['verify_ms_per_step_median']:.0f} ms/step (wall)")
-        write_json(out_path, result)
+        write_atomic(out_path, result)
     measure_vanilla(target, prompts, max_new, result)  # again at the end: drift check, averaged in
     for entry in result["settings"]:
         score(entry, result)
     drift = [runs[-1]["cpu_s"] / runs[0]["cpu_s"] for runs in result["vanilla"].values()]
     result["vanilla_cpu_drift_end_over_start"] = drift
     log(f"vanilla cpu-time drift end/start per prompt: {[round(d, 3) for d in drift]}")
-    write_json(out_path, result)
+    write_atomic(out_path, result)
 
 
 def greedy_check(target, prompts, params, max_new):
@@ -255,7 +233,7 @@ def main(argv=None) -> int:
                         "ranked_by": key, "tau": best["tau"], "speedup_median": best["speedup_median"],
                         "cpu_time_speedup_median": best["cpu_time_speedup_median"]}
     log(f"chosen: {result['chosen']}")
-    write_json(out_path, result)
+    write_atomic(out_path, result)
     if args.greedy_prompts:
         gprompts = mt_bench_prompts(target, args.questions, args.greedy_prompts)
         checks = result.get("greedy_check", []) if args.resume or args.skip_search else []
@@ -266,7 +244,7 @@ def main(argv=None) -> int:
                 continue  # already checked (--resume)
             checks.append(greedy_check(target, gprompts, params, args.greedy_max_new))
             result["greedy_check"] = checks
-            write_json(out_path, result)
+            write_atomic(out_path, result)
             log(f"greedy check {params}: {checks[-1]['equal']}/{checks[-1]['prompts']} equal, tau {checks[-1]['tau']:.3f}")
     return 0
 

@@ -20,7 +20,7 @@ class ResultsError(SpecbenchError):
     """A results file that cannot be used: corrupt, truncated, foreign or from a newer schema."""
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -53,7 +53,7 @@ def environment(device) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "transformers": transformers.__version__, "specbench": __version__,
-        "git_commit": _git_commit(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
     }

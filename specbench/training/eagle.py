@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..models.registry import sha256_file
 from .trainer import TrainConfig, train_loop
 
 __all__ = ["LossConfig", "head_forward", "feature_loss", "distribution_loss", "eagle_loss", "compute_loss",
@@ -150,14 +151,6 @@ def build_head(model, seed: int = 0, fc_bias: bool = True, embed_init_scale: flo
     return head
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 512) -> dict:
     """Top-1 agreement of the head's next-token prediction with the target's argmax, teacher-forced with
@@ -250,7 +243,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     init_info = None
     if init_from is not None:
         init_from = Path(init_from)
-        init_info = {"path": str(init_from), "weights_sha256": _sha256(init_from / "model.safetensors")}
+        init_info = {"path": str(init_from), "weights_sha256": sha256_file(init_from / "model.safetensors")}
         if (init_from / "MANIFEST.json").is_file():
             init_info["manifest"] = json.loads((init_from / "MANIFEST.json").read_text())
         fp["init_from_sha256"] = init_info["weights_sha256"]
@@ -286,7 +279,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
 
     out.mkdir(parents=True, exist_ok=True)
     save_eagle_checkpoint(head, out)
-    wsha = _sha256(out / "model.safetensors")
+    wsha = sha256_file(out / "model.safetensors")
 
     ho = heldout_conversations(data, heldout) if heldout else []
     hacc = heldout_accuracy(head, model, loaded.tokenizer, ho, max_tokens) if ho else None

