@@ -257,12 +257,12 @@ def _norm_text(s: str) -> str:
 def eval_prompt_fingerprints(dirs: Iterable[Path] | None = None, prefix_chars: int = 160) -> set[str]:
     """Normalised leading text of every evaluation prompt (MT-bench, HumanEval, GSM8K, Alpaca, QA, CNN/DM).
 
-    Looks in the given directories, else in the project's vendored eval data and /work/shared/data when
-    present. Any ``*.jsonl`` with a ``turns`` list (or ``prompt``/``question``/``instruction``) counts.
+    Looks in the given directories, else in the project's vendored eval data (specbench/data). Any ``*.jsonl`` with a ``turns`` list (or ``prompt``/``question``/``instruction``) counts.
     """
     if dirs is None:
-        here = Path(__file__).resolve().parents[1]
-        dirs = [here / "data", here.parent / "data", Path("/work/shared/data")]
+        from ..bench.datasets import DATA_DIR
+
+        dirs = [DATA_DIR]
     out: set[str] = set()
     for d in dirs:
         d = Path(d)
