@@ -101,6 +101,8 @@ class Runner:
         vanilla = get_method("vanilla").drafter(self.target, sampling, gen0)
 
         config = self._config(cfg, params, prompts)
+        if config["draft_checkpoint_sha256"] is None:  # e.g. a method's built-in default head
+            config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
         doc = self._resume(out, config) if (out and resume) else None
         if doc is None:
             doc = {"schema_version": results.SCHEMA_VERSION, "kind": results.KIND,
