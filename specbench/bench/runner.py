@@ -8,7 +8,6 @@ atomically after every prompt; a stopped run resumes from the prompts it finishe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import sys
@@ -59,17 +58,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _file_sha256(path: str) -> str | None:
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 class Runner:
     """Holds the loaded target so several runs (e.g. a benchmark suite) share one load."""
 
@@ -101,8 +89,8 @@ class Runner:
         vanilla = get_method("vanilla").drafter(self.target, sampling, gen0)
 
         config = self._config(cfg, params, prompts)
-        if config["draft_checkpoint_sha256"] is None:  # e.g. a method's built-in default head
-            config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
+        # Drafters with weights expose the hash of the checkpoint they actually loaded.
+        config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
         doc = self._resume(out, config) if (out and resume) else None
         if doc is None:
             doc = {"schema_version": results.SCHEMA_VERSION, "kind": results.KIND,
@@ -126,13 +114,11 @@ class Runner:
         return doc
 
     def _config(self, cfg: RunConfig, params: dict, prompts) -> dict:
-        ckpt = params.get("checkpoint")
         return {
             "method": cfg.method, "params": params, "baseline": "vanilla", "dataset": cfg.dataset,
             "limit": cfg.limit, "prompt_ids": [p.id for p in prompts],
             "target": {"name": self.loaded.name, "weights_sha256": self.loaded.weights_sha256,
                        "source": self.loaded.source},
-            "draft_checkpoint_sha256": _file_sha256(ckpt) if ckpt else None,
             "sampling": SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p).to_dict(),
             "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
             "dtype": str(self.target.dtype).removeprefix("torch."), "device": str(self.target.device),
