@@ -50,6 +50,7 @@ from ..decoding.tree import Proposal, Tree
 from ..decoding.verify import Verdict
 from ..errors import UsageError
 from ..models.eagle_head import CheckpointError, EagleHead, load_eagle_checkpoint
+from ..models.target import buffer_cache
 from .base import DrafterBase, Method
 
 __all__ = [
@@ -141,32 +142,6 @@ def _load_cached(d: Path, target) -> EagleHead:
     return per_target[key]
 
 
-# ------------------------------------------------------------------ the head's KV cache
-
-
-class _KV:
-    """Minimal one-layer KV cache (the `Cache` surface a transformers attention layer uses)."""
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.k is None else int(self.k.shape[2])
-
-    def update(self, k, v, layer_idx=0, *args, **kwargs):
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], 2)
-            self.v = torch.cat([self.v, v], 2)
-        return self.k, self.v
-
-    def crop(self, n: int) -> None:
-        if self.k is not None and self.k.shape[2] > n:
-            self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
-
-
 # ------------------------------------------------------------------ drafters
 
 
@@ -181,7 +156,7 @@ class _HeadDrafter(DrafterBase):
         self._vocab_ids: torch.Tensor | None = None  # draft vocabulary (None = full)
         self._w = w
         self._b = getattr(head.lm_head, "bias", None)
-        self.kv = _KV()
+        self.kv = buffer_cache()  # one in-place KV buffer layer
         self.committed = 0  # committed head slots (= tokens in the sequence - 1)
         self.root_feature: torch.Tensor | None = None  # (H,) predicted feature of the current root
         self._anc = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
@@ -271,7 +246,7 @@ class _HeadDrafter(DrafterBase):
     # -- committed state
     @torch.inference_mode()
     def begin(self, prompt: list[int], prefill) -> None:
-        self.kv = _KV()
+        self.kv = buffer_cache()
         self.committed = 0
         self.root_feature = None
         self._set_vocab(list(prompt))
@@ -288,7 +263,7 @@ class _HeadDrafter(DrafterBase):
 
     @torch.inference_mode()
     def update(self, tree: Tree, verdict: Verdict, out) -> None:
-        self.kv.crop(self.committed)  # drop the drafted slots
+        self.kv.layers[0].truncate(self.committed)  # drop the drafted slots
         nodes = [0, *verdict.path]
         tokens = [tree.tokens[i] for i in verdict.path] + [int(verdict.token)]
         feats = out.hidden[torch.tensor(nodes, device=out.hidden.device)]
@@ -297,7 +272,7 @@ class _HeadDrafter(DrafterBase):
 
     # -- drafting
     def _start_draft(self) -> None:
-        self.kv.crop(self.committed)
+        self.kv.layers[0].truncate(self.committed)
         self._anc = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
 
     def _draft_forward(self, tokens: torch.Tensor, feats: torch.Tensor, parent_slots: torch.Tensor,

@@ -60,12 +60,31 @@ class BufferLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.size if self.is_initialized else 0
 
+    def truncate(self, size: int) -> None:
+        """Drop everything after the first `size` positions (no copy)."""
+        if self.is_initialized and size < self.size:
+            self._set_size(size)
+
     def keep(self, start: int, index: torch.Tensor | None, count: int) -> None:
         """Keep positions start + index (or the next `count` when index is None) after `start`."""
         if index is not None:
             self._kbuf[..., start:start + count, :] = self._kbuf.index_select(-2, index + start)
             self._vbuf[..., start:start + count, :] = self._vbuf.index_select(-2, index + start)
         self._set_size(start + count)
+
+
+def buffer_cache(config=None) -> DynamicCache:
+    """A DynamicCache whose plain full-attention layers are BufferLayers (others, e.g. sliding windows, as built).
+
+    Without a config it holds one BufferLayer (a single-layer model such as a draft head).
+    """
+    if config is None:
+        cache = DynamicCache()
+        cache.layers = [BufferLayer()]
+        return cache
+    cache = DynamicCache(config=config)
+    cache.layers = [BufferLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass
@@ -116,9 +135,7 @@ class Target:
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> StepOutput:
         """Start a new sequence: cache `ids` (may be empty)."""
-        self.cache = DynamicCache(config=self.config)
-        # Plain full-attention layers get the in-place buffer; others (sliding windows) stay as built.
-        self.cache.layers = [BufferLayer() if type(layer) is DynamicLayer else layer for layer in self.cache.layers]
+        self.cache = buffer_cache(self.config)
         self.length = 0
         if not ids:
             empty = torch.empty(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
