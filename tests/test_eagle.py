@@ -576,3 +576,13 @@ def test_eager_and_sdpa_heads_agree(target, head):
     assert eager.config._attn_implementation == "eager"
     eager.load_state_dict(head.state_dict())
     assert torch.allclose(head_out(eager), head_out(head), atol=1e-5)
+
+
+def test_draft_vocab_file_lists_some_ids_only(tmp_path, target, head):
+    """Ids a frequency list does not name follow it in id order, so draft_vocab=N always has N base ids."""
+    save_eagle_checkpoint(head, tmp_path / "ck")
+    (tmp_path / "ck" / "draft_vocab.json").write_text(json.dumps([9, 5]))
+    d = EAGLE2.drafter(target, SamplingConfig(), None,
+                       **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
+    d.begin([7], target.prefill([]))
+    assert d._vocab_ids.tolist() == [9, 5, 0, 1, 7]

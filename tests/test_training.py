@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,6 +285,18 @@ def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_
     assert [e["epoch"] for e in man["losses_per_epoch"]] == [0, 1]
     head = load_eagle_checkpoint(out, tiny.model)
     assert sorted(head.trainable_state_dict()) == sorted(json.loads(json.dumps(list(head.expected_keys()))))
+    # the draft vocabulary: assistant-token ids of the training data, most frequent first
+    from collections import Counter
+
+    from specbench.training.features import load_feature_cache
+
+    cache = load_feature_cache(Path(man["data"]["feature_cache"]))
+    counts = Counter(int(t) for i in range(len(cache)) for t, m in zip(cache[i]["input_ids"], cache[i]["loss_mask"])
+                     if m > 0)
+    ranked = json.loads((out / "draft_vocab.json").read_text())
+    assert sorted(ranked) == sorted(counts) and len(ranked) == man["draft_vocab"]["distinct_ids"]
+    assert [counts[t] for t in ranked] == sorted(counts.values(), reverse=True)
+    assert man["draft_vocab"]["tokens_counted"] == sum(counts.values())
 
 
 def test_self_distillation_regenerates_assistant_turns(tiny, tmp_path):

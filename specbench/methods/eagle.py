@@ -154,6 +154,7 @@ class _HeadDrafter(DrafterBase):
         self.device, self.dtype = w.device, w.dtype
         self.draft_vocab = int(draft_vocab)
         self._vocab_ids: torch.Tensor | None = None  # draft vocabulary (None = full)
+        self._base: list[int] | None = None  # the first draft_vocab ids of the base list (read once)
         self._w = w
         self._b = getattr(head.lm_head, "bias", None)
         self.kv = buffer_cache()  # one in-place KV buffer layer
@@ -177,7 +178,8 @@ class _HeadDrafter(DrafterBase):
         """Full vocabulary, or: the base list's first `draft_vocab` ids + every token of the sequence so far.
 
         The base list is `draft_vocab.json` in the checkpoint directory when present (token ids, most frequent
-        first), else the ids in order (BPE ids roughly follow merge order, i.e. frequency).  The LM-head rows
+        first, as training writes it; unlisted ids follow in id order), else the ids in order (BPE ids roughly
+        follow merge order, i.e. frequency).  The LM-head rows
         of the draft vocabulary live in a preallocated buffer that grows as new tokens are emitted.
         """
         V = self._w.shape[0]
@@ -185,7 +187,9 @@ class _HeadDrafter(DrafterBase):
             self._vocab_ids = None
             self._w_draft, self._b_draft = self._w, self._b
             return
-        base = self._base_vocab(V)[: self.draft_vocab]
+        if self._base is None:
+            self._base = self._base_vocab(V)[: self.draft_vocab]
+        base = self._base
         ids = list(dict.fromkeys([*base, *map(int, prompt)]))
         self._vocab_set = set(ids)
         cap = min(V, len(ids) + 1024)
@@ -202,7 +206,8 @@ class _HeadDrafter(DrafterBase):
             try:
                 ids = [int(i) for i in json.loads(f.read_text())]
                 if ids and all(0 <= i < V for i in ids):
-                    return ids
+                    listed = set(ids)
+                    return ids + [i for i in range(V) if i not in listed]  # unlisted ids last, in order
             except (OSError, ValueError, TypeError):
                 pass
             raise UsageError(f"{f} is not a JSON list of token ids below {V}")

@@ -176,6 +176,46 @@ def heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 51
     return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
+    """Write `out/draft_vocab.json`: the ids of the training data's assistant tokens, most frequent first.
+
+    The drafters' optional reduced draft vocabulary (`--param draft_vocab=N`) takes its first N ids (as
+    EAGLE-3 builds its draft vocabulary from training-data frequencies).  Ties rank by id; ids never seen
+    are left out (the drafter appends them in id order).  Adds a "draft_vocab" entry to MANIFEST.json
+    when one exists, and returns it.
+    """
+    import numpy as np
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    cols = cache.dataset.select_columns(["input_ids", "loss_mask"]).with_format("numpy")
+    for row in cols:
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
+    seen = np.flatnonzero(counts)
+    ranked = seen[np.lexsort((seen, -counts[seen]))].tolist()
+    out = Path(out)
+    tmp = out / f".{DRAFT_VOCAB_FILE}.tmp"
+    tmp.write_text(json.dumps(ranked) + "\n")
+    os.replace(tmp, out / DRAFT_VOCAB_FILE)
+    total = int(counts.sum())
+    top = np.sort(counts)[::-1]
+    info = {"file": DRAFT_VOCAB_FILE, "what": "token ids of the training data's assistant (loss) tokens, most "
+            "frequent first", "feature_cache": cache.meta.get("key"), "tokens_counted": total,
+            "distinct_ids": len(ranked),
+            "coverage": {str(n): round(float(top[:n].sum()) / max(total, 1), 4) for n in (2048, 4096, 8192, 16384)}}
+    man = out / "MANIFEST.json"
+    if man.is_file():
+        m = json.loads(man.read_text())
+        m["draft_vocab"] = info
+        tmp = out / ".MANIFEST.json.tmp"
+        tmp.write_text(json.dumps(m, indent=2) + "\n")
+        os.replace(tmp, man)
+    return info
+
+
 def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int = 1000,
           max_tokens: int = 512, epochs: int = 3, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
           self_distill: bool = False, distill_kwargs: dict | None = None, resume: bool = True,
@@ -324,7 +364,8 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     tmp = out / ".MANIFEST.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "MANIFEST.json")
-    log(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...)")
+    dv = write_draft_vocab(out, cache, head.vocab_size)
+    log(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
     if logf:
         logf.close()
     return out
