@@ -568,6 +568,11 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
     d.begin([1], target.prefill([]))
     assert d._vocab_ids.tolist() == [63, 62, 61, 60, 1]
+    from specbench.models.registry import sha256_file
+
+    assert d.draft_vocab_sha256 == sha256_file(tmp_path / "ck" / "draft_vocab.json")  # recorded in results
+    full = EAGLE2.drafter(target, SamplingConfig(), None, **EAGLE2.params({"checkpoint": str(tmp_path / "ck")}))
+    assert full.draft_vocab_sha256 is None  # full vocabulary: the ranking plays no part
 
 
 def test_eager_and_sdpa_heads_agree(target, head):

@@ -175,6 +175,17 @@ class _HeadDrafter(DrafterBase):
             self._ckpt_sha = checkpoint_sha256(self.checkpoint)
         return self._ckpt_sha
 
+    @property
+    def draft_vocab_sha256(self) -> str | None:
+        """sha256 of the draft_vocab.json this drafter ranks its draft vocabulary by (None if unused)."""
+        src = getattr(self.head, "source", None)
+        f = Path(src) / "draft_vocab.json" if src else None
+        if self.draft_vocab <= 0 or f is None or not f.is_file():
+            return None
+        from ..models.registry import sha256_file
+
+        return sha256_file(f)
+
     # -- draft vocabulary (optional; candidates stay deterministic, so losslessness is unaffected)
     def _set_vocab(self, prompt: list[int]) -> None:
         """Full vocabulary, or: the base list's first `draft_vocab` ids + every token of the sequence so far.
