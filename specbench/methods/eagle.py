@@ -49,7 +49,12 @@ import torch
 from ..decoding.tree import Proposal, Tree
 from ..decoding.verify import Verdict
 from ..errors import UsageError
-from ..models.eagle_head import CheckpointError, EagleHead, load_eagle_checkpoint
+from ..models.eagle_head import (
+    DRAFT_VOCAB_FILE,
+    CheckpointError,
+    EagleHead,
+    load_eagle_checkpoint,
+)
 from ..models.target import buffer_cache
 from .base import DrafterBase, Method
 
@@ -177,9 +182,9 @@ class _HeadDrafter(DrafterBase):
 
     @property
     def draft_vocab_sha256(self) -> str | None:
-        """sha256 of the draft_vocab.json this drafter ranks its draft vocabulary by (None if unused)."""
+        """sha256 of the DRAFT_VOCAB_FILE this drafter ranks its draft vocabulary by (None if unused)."""
         src = getattr(self.head, "source", None)
-        f = Path(src) / "draft_vocab.json" if src else None
+        f = Path(src) / DRAFT_VOCAB_FILE if src else None
         if self.draft_vocab <= 0 or f is None or not f.is_file():
             return None
         from ..models.registry import sha256_file
@@ -192,8 +197,8 @@ class _HeadDrafter(DrafterBase):
 
         The base list is `draft_vocab.json` in the checkpoint directory when present (token ids, most frequent
         first, as training writes it; unlisted ids follow in id order), else the ids in order (BPE ids roughly
-        follow merge order, i.e. frequency).  The LM-head rows
-        of the draft vocabulary live in a preallocated buffer that grows as new tokens are emitted.
+        follow merge order, i.e. frequency).  The LM-head rows of the draft vocabulary live in a preallocated
+        buffer that grows as new tokens are emitted.
         """
         V = self._w.shape[0]
         if self.draft_vocab <= 0 or self.draft_vocab >= V:
@@ -214,7 +219,7 @@ class _HeadDrafter(DrafterBase):
 
     def _base_vocab(self, V: int) -> list[int]:
         src = getattr(self.head, "source", None)
-        f = Path(src) / "draft_vocab.json" if src else None
+        f = Path(src) / DRAFT_VOCAB_FILE if src else None
         if f is not None and f.is_file():
             try:
                 ids = [int(i) for i in json.loads(f.read_text())]

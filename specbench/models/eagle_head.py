@@ -61,6 +61,9 @@ EMBED_KEY = "embed_tokens.weight"
 # Relative Frobenius distance allowed between a checkpoint's embed_tokens copy and the
 # target's embedding (covers fp16/bf16 storage and GGUF re-quantisation of the same weights).
 EMBED_RTOL = 2e-2
+# Optional file of an EAGLE checkpoint directory: token ids, most frequent first (written by training;
+# ranks the drafters' reduced draft vocabulary).
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 class CheckpointError(SpecbenchError):
@@ -90,7 +93,10 @@ def _layer_classes(config, body):
     if getattr(body, "rotary_emb", None) is not None:
         rotary_cls = type(body.rotary_emb)
     if layer_cls is None or rotary_cls is None:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRotaryEmbedding,
+        )
 
         layer_cls, rotary_cls = layer_cls or LlamaDecoderLayer, rotary_cls or LlamaRotaryEmbedding
     return layer_cls, rotary_cls

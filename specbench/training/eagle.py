@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..models.eagle_head import DRAFT_VOCAB_FILE
 from ..models.registry import sha256_file
 from .trainer import TrainConfig, train_loop
 
@@ -174,9 +175,6 @@ def heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 51
         hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
         n += int(m.sum())
     return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
-
-
-DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
