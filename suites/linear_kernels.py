@@ -9,7 +9,7 @@ arithmetic: for every weight shape of the target and every row count 1..--max-ro
 `(W @ x.T).T`, over all of the model's weights of that shape, and picks the fastest per
 (shape, rows) (F.linear unless another is >5% faster).  Then it patches the model's Linear
 layers with that choice and times whole target forwards over n tokens, interleaved with the
-unpatched model, as tree_cost.py does.  Nothing in specbench uses the patch: the file records
+unpatched model, with tree_cost.py's timer.  Nothing in specbench uses the patch: the file records
 whether the vanilla baseline and the tree forwards would get faster, and by how much.
 """
 
@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from specbench.bench.results import cpu_name, write_atomic
-from specbench.decoding.tree import Proposal, Tree
-from specbench.models import load_model
-from specbench.models.target import Target
+from tree_cost import chain, forward_timer  # the same timed forward (run as `python suites/...`)
 
 KERNELS = ("linear", "x_wt", "w_xt")
 
@@ -129,31 +127,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/linear_kernels_cpu.json")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype="float32", device="cpu")
-    target = Target.from_loaded(loaded)
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
-    prompt = [int(t) for t in torch.randint(100, target.vocab_size - 1, (args.context + 1,),
-                                            generator=torch.Generator().manual_seed(0))]
+    target, once = forward_timer(args.model, args.threads, args.context)
     t0 = time.perf_counter()
     plan = _measure(target.model, args.max_rows, reps=5)
     tune_s = time.perf_counter() - t0
 
-    def once(n: int) -> float:
-        target.prefill(prompt[:-1])
-        tree = Tree(prompt[-1], Proposal(list(range(500, 500 + n - 1)), list(range(n - 1))))
-        t = clock()
-        target.forward_tree(tree)
-        return clock() - t
-
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {1})
     times = {(v, n): [] for v in ("F.linear", "tuned") for n in sizes}
-    once(4)
+    once(chain(4))
     for _ in range(args.reps):  # interleaved: load drift hits both variants alike
         for variant in ("F.linear", "tuned"):
             (apply_plan if variant == "tuned" else lambda m, p: remove_plan(m))(target.model, plan)
             for n in sizes:
-                times[(variant, n)].append(once(n))
+                times[(variant, n)].append(once(chain(n)))
     remove_plan(target.model)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [{"n": n, **{f"{v}_ms": round(1000 * med[(v, n)], 2) for v in ("F.linear", "tuned")},

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,32 @@ from specbench.bench.results import cpu_name, write_atomic
 from specbench.decoding.tree import Proposal, Tree
 from specbench.models import load_model
 from specbench.models.target import Target
+
+
+def chain(n: int) -> Proposal:
+    """n tree nodes in a line (root + n-1 drafts): causal attention, no mask."""
+    return Proposal(list(range(500, 500 + n - 1)), list(range(n - 1)))
+
+
+def forward_timer(model: str, threads: int, context: int) -> tuple[Target, Callable[[Proposal], float]]:
+    """(target, once): once(proposal) prefills `context` fixed random tokens and times one tree forward.
+
+    The clock is this thread's CPU time with one thread (robust to other processes), else wall time.
+    """
+    torch.set_num_threads(threads)
+    target = Target.from_loaded(load_model(model, dtype="float32", device="cpu"))
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    prompt = [int(t) for t in torch.randint(100, target.vocab_size - 1, (context + 1,),
+                                            generator=torch.Generator().manual_seed(0))]
+
+    def once(prop: Proposal) -> float:
+        target.prefill(prompt[:-1])
+        tree = Tree(prompt[-1], prop)
+        t0 = clock()
+        target.forward_tree(tree)
+        return clock() - t0
+
+    return target, once
 
 
 def main(argv=None) -> int:
@@ -41,25 +68,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/tree_cost_cpu.json")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype="float32", device="cpu")
-    target = Target.from_loaded(loaded)
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
-    prompt = [int(t) for t in torch.randint(100, target.vocab_size - 1, (args.context + 1,),
-                                            generator=torch.Generator().manual_seed(0))]
-
-    def once(prop: Proposal) -> float:
-        target.prefill(prompt[:-1])
-        tree = Tree(prompt[-1], prop)
-        t0 = clock()
-        target.forward_tree(tree)
-        return clock() - t0
-
+    target, once = forward_timer(args.model, args.threads, args.context)
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {1})
-    shapes = {"chain": lambda n: Proposal(list(range(500, 500 + n - 1)), list(range(n - 1))),
-              "star": lambda n: Proposal(list(range(500, 500 + n - 1)), [0] * (n - 1))}
+    shapes = {"chain": chain, "star": lambda n: Proposal(list(range(500, 500 + n - 1)), [0] * (n - 1))}
     for _ in range(3):  # warm-up
-        once(shapes["chain"](4))
+        once(chain(4))
     times = {(s, n): [] for s in shapes for n in sizes}
     for _ in range(args.reps):  # interleaved, so drift in machine load hits every size alike
         for n in sizes:

@@ -91,8 +91,9 @@ class Runner:
         config = self._config(cfg, params, prompts)
         # Drafters with weights expose the hash of the checkpoint they actually loaded.
         config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
-        if getattr(drafter, "draft_vocab_sha256", None):  # the ranking a reduced draft vocabulary follows
-            config["draft_vocab_sha256"] = drafter.draft_vocab_sha256
+        vocab_sha = getattr(drafter, "draft_vocab_sha256", None)  # the ranking a reduced draft vocabulary follows
+        if vocab_sha:
+            config["draft_vocab_sha256"] = vocab_sha
         doc = self._resume(out, config) if (out and resume) else None
         if doc is None:
             doc = {"schema_version": results.SCHEMA_VERSION, "kind": results.KIND,

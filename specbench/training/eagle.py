@@ -182,8 +182,7 @@ def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
 
     The drafters' optional reduced draft vocabulary (`--param draft_vocab=N`) takes its first N ids (as
     EAGLE-3 builds its draft vocabulary from training-data frequencies).  Ties rank by id; ids never seen
-    are left out (the drafter appends them in id order).  Adds a "draft_vocab" entry to MANIFEST.json
-    when one exists, and returns it.
+    are left out (the drafter appends them in id order).  Returns the manifest's "draft_vocab" entry.
     """
     import numpy as np
 
@@ -204,13 +203,6 @@ def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
             "frequent first", "feature_cache": cache.meta.get("key"), "tokens_counted": total,
             "distinct_ids": len(ranked),
             "coverage": {str(n): round(float(top[:n].sum()) / max(total, 1), 4) for n in (2048, 4096, 8192, 16384)}}
-    man = out / "MANIFEST.json"
-    if man.is_file():
-        m = json.loads(man.read_text())
-        m["draft_vocab"] = info
-        tmp = out / ".MANIFEST.json.tmp"
-        tmp.write_text(json.dumps(m, indent=2) + "\n")
-        os.replace(tmp, man)
     return info
 
 
@@ -318,6 +310,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     out.mkdir(parents=True, exist_ok=True)
     save_eagle_checkpoint(head, out)
     wsha = sha256_file(out / "model.safetensors")
+    dv = write_draft_vocab(out, cache, head.vocab_size)
 
     ho = heldout_conversations(data, heldout) if heldout else []
     hacc = heldout_accuracy(head, model, loaded.tokenizer, ho, max_tokens) if ho else None
@@ -350,6 +343,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
                     f"{heldout} usable conversations of the source (never trained on)"},
         "seed": seed,
         "init_from": init_info,
+        "draft_vocab": dv,
         "wall_seconds_this_invocation": round(time.time() - t_start, 1),
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -362,7 +356,6 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     tmp = out / ".MANIFEST.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "MANIFEST.json")
-    dv = write_draft_vocab(out, cache, head.vocab_size)
     log(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
     if logf:
         logf.close()
