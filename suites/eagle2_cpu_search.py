@@ -1,6 +1,6 @@
 """Search EAGLE-2's (depth, total_tokens) for this CPU on the embedded target, like HASS Table 9.
 
-    python suites/eagle2_cpu_search.py --out results/eagle2_cpu_search.json
+    python suites/eagle2_cpu_search.py --out results/studies/eagle2_cpu_search.json
 
 HASS (arXiv 2408.15766, Table 9) varies EAGLE-2's draft-tree depth and number of draft tokens
 and reports the speedup on MT-bench; the GPU optimum is depth 6-8 and 60-100 tokens.  On a CPU
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from specbench.bench.datasets import DATA_DIR
-from specbench.bench.results import cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
 from specbench.decoding import SamplingConfig, generate
 from specbench.methods.base import DrafterBase
 from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, default_checkpoint_dir, parse_tree, resolve_head
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-vocabs", default="0,8192", help="0 = full vocabulary")
     ap.add_argument("--eagle-trees", default="mc_sim_7b_63,cpu_10", help="EAGLE static trees measured for reference")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="results/eagle2_cpu_search.json")
+    ap.add_argument("--out", default="results/studies/eagle2_cpu_search.json")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
 
@@ -146,6 +146,7 @@ def main(argv=None) -> int:
         result = json.loads(out_path.read_text())
     else:
         result = {
+            "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
             "what": "EAGLE-2 (depth, total_tokens) search on CPU like HASS Table 9: tokens/s ratio vs vanilla, "
                     "same process, greedy, MT-bench turn 1",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,6 +1,6 @@
 """Would another matmul form make the target's small-row forwards cheaper?  (A measurement, not a runtime change.)
 
-    python suites/linear_kernels.py --threads 1 --out results/linear_kernels_cpu.json
+    python suites/linear_kernels.py --threads 1 --out results/studies/linear_kernels_cpu.json
 
 `suites/tree_cost.py` shows a target forward over 2-8 tokens costing 1.5-1.8x one over a
 single token on this CPU.  This script asks whether that is the BLAS call rather than the
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
-from specbench.bench.results import cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
 from tree_cost import chain, forward_timer  # the same timed forward (run as `python suites/...`)
 
 KERNELS = ("linear", "x_wt", "w_xt")
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="results/linear_kernels_cpu.json")
+    ap.add_argument("--out", default="results/studies/linear_kernels_cpu.json")
     args = ap.parse_args(argv)
 
     target, once = forward_timer(args.model, args.threads, args.context)
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
              "tuned_vs_F.linear": round(med[("tuned", n)] / med[("F.linear", n)], 3)} for n in sizes]
     legend = {"linear": "L", "x_wt": "T", "w_xt": "W"}
     result = {
+        "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens with F.linear vs the per-(shape, rows) fastest matmul form",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python suites/linear_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -1,7 +1,7 @@
 """Search Lookahead's (level N, window W, guess G) for this CPU on the embedded target, and check
 greedy equality with vanilla.
 
-    python suites/lookahead_cpu_search.py --threads 1 --out results/lookahead_cpu_search.json
+    python suites/lookahead_cpu_search.py --threads 1 --out results/studies/lookahead_cpu_search.json
 
 1. Speed search: on `--prompts` MT-bench prompts (turn 1, chat template, spread over the 8
    categories) x `--max-new` tokens, greedy, stop at EOS: vanilla runs each prompt before and
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from specbench.bench.datasets import DATA_DIR
-from specbench.bench.results import cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
 from specbench.decoding import SamplingConfig, generate
 from specbench.methods.base import DrafterBase
 from specbench.methods.lookahead import LookaheadDrafter
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-prompts", type=int, default=20)
     ap.add_argument("--greedy-max-new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="results/lookahead_cpu_search.json")
+    ap.add_argument("--out", default="results/studies/lookahead_cpu_search.json")
     ap.add_argument("--metric", choices=["cpu", "wall"], default="cpu",
                     help="rank settings by the process-CPU-time ratio (robust on a shared machine) or wall time")
     ap.add_argument("--resume", action="store_true")
@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     if (args.resume or args.skip_search) and out_path.exists():
         result = json.loads(out_path.read_text())
     else:
-        result = {"what": "Lookahead (W, N, G) search on CPU: tokens/s ratio vs vanilla, same process, greedy",
+        result = {"schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
+                  "what": "Lookahead (W, N, G) search on CPU: tokens/s ratio vs vanilla, same process, greedy",
                   "command": "python suites/lookahead_cpu_search.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "torch": torch.__version__, "transformers": __import__("transformers").__version__,

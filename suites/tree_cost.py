@@ -1,6 +1,6 @@
 """Cost of one target forward over n tokens relative to one token, on this machine.
 
-    python suites/tree_cost.py --threads 1 --out results/tree_cost_cpu.json
+    python suites/tree_cost.py --threads 1 --out results/studies/tree_cost_cpu.json
 
 Every tree method pays for verification with a target forward over its draft tree (root +
 drafts), so its speedup is bounded by tau / (cost(n) / cost(1)) minus the draft time.  On a
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from specbench.bench.results import cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
 from specbench.decoding.tree import Proposal, Tree
 from specbench.models import load_model
 from specbench.models.target import Target
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=300, help="tokens in the KV cache before the forward")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="results/tree_cost_cpu.json")
+    ap.add_argument("--out", default="results/studies/tree_cost_cpu.json")
     args = ap.parse_args(argv)
 
     target, once = forward_timer(args.model, args.threads, args.context)
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
              "ratio_to_n1": round(statistics.median(times[(s, n)]) / base, 3)}
             for n in sizes for s in shapes if not (n == 1 and s == "star")]
     result = {
+        "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens after a KV-cached context, relative to n = 1 (median over reps)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python suites/tree_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -14,6 +14,10 @@ from ..errors import SpecbenchError
 
 SCHEMA_VERSION = 1
 KIND = "specbench.run"
+# Measurements that are not method-vs-vanilla runs (CPU searches, cost curves, kernel timings):
+# results/studies/, read by people and the README, skipped by `specbench compare`.
+STUDY_KIND = "specbench.study"
+STUDY_SCHEMA_VERSION = 1
 
 
 class ResultsError(SpecbenchError):

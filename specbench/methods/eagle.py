@@ -79,7 +79,7 @@ MC_SIM_7B_63: list[list[int]] = [
 ]
 TREES: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": MC_SIM_7B_63,
-    # Small trees for CPUs, where a target forward grows with the tree (results/tree_cost_cpu.json):
+    # Small trees for CPUs, where a target forward grows with the tree (results/studies/tree_cost_cpu.json):
     # 10 drafts, and 3 drafts (4 nodes: on the measured CPU a 4-token forward costs ~1.5x one token).
     "cpu_10": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0, 0], [2]],
     "cpu_4": [[0], [1], [0, 0]],

@@ -59,16 +59,16 @@ Parameters: Spec-Bench's defaults are level 5, window 7, guess 7 (hemingkx/Spec-
 
 CPU setting: level=3, window=3, guess=3.  Searched on this project's 2-core CPU with the
 embedded SmolLM2-135M-Instruct (fp32, 1 thread, 5 MT-bench prompts x 96 tokens, greedy;
-results/lookahead_cpu_search.json, 2026-11-24, torch 2.13.0+cpu): no setting beats vanilla
+results/studies/lookahead_cpu_search.json, 2026-11-24, torch 2.13.0+cpu): no setting beats vanilla
 here.  A forward over 2-8 tokens already costs ~1.45x a 1-token forward on this CPU (gemv ->
 gemm), so small windows win: W=3, N=3, G in {3, 5, 7} reach tau 1.24-1.27 at a tokens/s ratio
 of ~0.74 (process CPU time; the machine was shared, wall time unusable), while Spec-Bench's
 (5, 7, 7) reaches tau 1.59 at ~0.42.  Greedy output equalled vanilla on 20 MT-bench prompts x
 128 tokens with both settings.  Reproduce (the second command extends the grid downwards):
 
-    python suites/lookahead_cpu_search.py --threads 1 --out results/lookahead_cpu_search.json
+    python suites/lookahead_cpu_search.py --threads 1 --out results/studies/lookahead_cpu_search.json
     python suites/lookahead_cpu_search.py --threads 1 --resume --windows 1,2,3 --levels 3 --guesses 1,2,3 \
-        --out results/lookahead_cpu_search.json
+        --out results/studies/lookahead_cpu_search.json
 """
 
 from __future__ import annotations
