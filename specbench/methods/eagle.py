@@ -90,9 +90,8 @@ DEFAULT_CHECKPOINT_TARGET = "smollm2-135m"
 
 
 def default_checkpoint_dir() -> Path:
-    import specbench
-
-    return Path(specbench.__file__).resolve().parents[1] / "checkpoints" / DEFAULT_CHECKPOINT_NAME
+    # Package data (pyproject's package-data), so an installed wheel finds it as a source checkout does.
+    return Path(__file__).resolve().parents[1] / "checkpoints" / DEFAULT_CHECKPOINT_NAME
 
 
 # ------------------------------------------------------------------ checkpoint resolution
@@ -128,9 +127,10 @@ def resolve_head(method: str, target, checkpoint: Any) -> EagleHead:
     d = Path(str(checkpoint)).expanduser()
     if not d.exists() and (default_checkpoint_dir().parent / str(checkpoint)).is_dir():
         d = default_checkpoint_dir().parent / str(checkpoint)
-    if not d.exists():
-        raise CheckpointError(f"draft checkpoint {checkpoint} not found (a directory with config.json and "
-                              "model.safetensors or pytorch_model.bin)")
+    if not d.is_dir():
+        what = "is a file" if d.exists() else "not found"
+        raise CheckpointError(f"draft checkpoint {checkpoint} {what}; pass a directory with config.json and "
+                              "model.safetensors or pytorch_model.bin")
     return _load_cached(d, target)
 
 
