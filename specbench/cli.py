@@ -19,39 +19,26 @@ def _params(pairs: list[str]) -> dict:
     return out
 
 
-def _default_out(args) -> Path:
-    return Path("results") / f"{args.method}-{args.dataset}-t{args.temperature:g}.json"
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {path}: {parent} is not a directory")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"--out {path} is a directory; give a file name")
-
-
 def cmd_run(args) -> int:
     from tabulate import tabulate
 
-    from .bench.runner import RunConfig, Runner
-    from .methods import get_method
+    from .bench.runner import RunConfig, Runner, default_out, open_output, plan_run
 
-    get_method(args.method).params(_params(args.param))  # bad method/params: fail before loading any model
-    from .bench.datasets import DATASETS
-    if args.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
-    out = Path(args.out) if args.out else _default_out(args)
-    _check_writable(out)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 1, or 0 for torch's default (got {args.threads})")
     cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
                     device=args.device, hf_generate=args.hf_generate)
+    # Settings, prompts, the output file and a resumable run are all checked before any model is loaded.
+    plan = plan_run(cfg)
+    out = Path(args.out) if args.out else default_out(plan)
+    open_output(plan, out, resume=not args.no_resume)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     runner = Runner(args.target, dtype=args.dtype, device=args.device)
-    doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress)
+    doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress, plan=plan)
     s = doc["summary"]
     rows = []
     for name in dict.fromkeys(["vanilla", args.method, "hf_generate"]):
@@ -115,22 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="decode a prompt set with a method and the vanilla baseline; write results JSON")
     r.add_argument("--method", required=True)
-    r.add_argument("--dataset", required=True)
+    r.add_argument("--dataset", required=True,
+                   help="a vendored set (specbench list) or PATH.jsonl of questions: question_id, category, turns")
     r.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, local HF directory or cached HF id")
     r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     r.add_argument("--limit", type=int, default=None, help="first N prompts")
     r.add_argument("--temperature", type=float, default=0.0)
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--repeats", type=int, default=1, help="time each prompt N times, keep the median")
     r.add_argument("--dtype", default="auto")
     r.add_argument("--device", default="auto")
-    r.add_argument("--out", help="results file (default results/<method>-<dataset>-t<T>.json)")
+    r.add_argument("--out", help="results file (default runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json, "
+                                 "a name unique to the settings)")
     r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")
     r.add_argument("--hf-generate", action="store_true", help="also time transformers' generate() as a second denominator")
-    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: steady timings, and no oversubscription on a busy "
+                        "machine; 0 = torch's default, one per core)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
 

@@ -13,6 +13,7 @@ from specbench.decoding import generate
 from specbench.decoding.sampling import SamplingConfig, make_generator
 from specbench.decoding.tree import Tree
 from specbench.decoding.verify import Verdict, verify_tree_deterministic
+from specbench.errors import UsageError
 from specbench.methods.base import get_method
 from specbench.methods.eagle import (EAGLE, EAGLE2, MC_SIM_7B_63, Eagle2Drafter, EagleDrafter, parse_tree,
                                      resolve_head)
@@ -295,6 +296,24 @@ def test_checkpoint_param_path(tmp_path, target, head):
 
     want = hashlib.sha256((tmp_path / "ck" / "model.safetensors").read_bytes()).hexdigest()
     assert d.checkpoint == str((tmp_path / "ck").resolve()) and d.checkpoint_sha256 == want
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"draft_vocab": "-5"}, "draft_vocab must be >= 0"),
+    ({"depth": "0"}, "eagle2 needs depth >= 1"),
+])
+def test_bad_head_parameters_are_one_usage_error(tmp_path, target, head, params, message):
+    save_eagle_checkpoint(head, tmp_path / "ck")
+    with pytest.raises(UsageError, match=message):
+        EAGLE2.drafter(target, SamplingConfig(), None, **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), **params}))
+
+
+def test_checkpoint_param_naming_a_file_is_refused(tmp_path, target):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    for m in (EAGLE, EAGLE2):
+        with pytest.raises(CheckpointError, match="is a file; pass a directory"):
+            m.drafter(target, SamplingConfig(), None, **m.params({"checkpoint": str(f)}))
 
 
 # ------------------------------------------------------------------ trees

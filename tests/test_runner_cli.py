@@ -72,8 +72,8 @@ def test_second_turn_sees_the_models_own_first_answer(runner, monkeypatch, tmp_p
     monkeypatch.setattr(runner.loaded.tokenizer, "apply_chat_template",
                         lambda messages, **kw: seen.append(messages) or real(messages, **kw))
     runner.run(_cfg(limit=1), out=tmp_path / "r.json", progress=False)
-    second = [m for m in seen if len(m) == 3]
-    assert second and second[0][1]["role"] == "assistant" and second[0][1]["content"]
+    second = [m for m in seen if len(m) == 3]  # the up-front context check comes first; the decodes' prompts last
+    assert second and second[-1][1]["role"] == "assistant" and second[-1][1]["content"]
 
 
 def test_resume_keeps_finished_prompts(runner, tmp_path):
@@ -154,3 +154,162 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------ the command line, end to end on a tiny target
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    """`specbench run` in an empty directory, its target a tiny model; `loads` counts model loads."""
+    import specbench.models
+
+    loads = []
+
+    def fake_load(spec, **kw):
+        loads.append(spec)
+        loaded = tiny_llama(seed=3)
+        loaded.tokenizer = ToyTokenizer(64)
+        return loaded
+
+    monkeypatch.setattr(specbench.models, "load_model", fake_load)
+    monkeypatch.chdir(tmp_path)
+    return loads
+
+
+RUN = ["run", "--method", "pld", "--dataset", "mt_bench", "--limit", "1", "--max-new-tokens", "8", "--no-progress"]
+
+
+def _one_line_exit_2(argv, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_first_command_twice_resumes_its_own_file_and_never_touches_results(cli_env, capsys, tmp_path):
+    assert cli.main(RUN) == 0
+    (out,) = (tmp_path / "runs").glob("*.json")
+    assert out.name.startswith("pld-mt_bench-t0-n1-8new-")
+    first = results.load(out)
+    assert cli.main(RUN) == 0  # the same settings: resumes (nothing left to do), same file
+    assert list((tmp_path / "runs").glob("*.json")) == [out]
+    assert results.load(out)["samples"] == first["samples"]
+    assert cli.main(RUN[:-3] + ["--max-new-tokens", "9", "--no-progress"]) == 0  # other settings: another file
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--out", "afile/r.json"], "--out afile/r.json: cannot write in afile"),
+    (["--out", "."], "is a directory"),
+    (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: cannot read the prompt file"),
+])
+def test_bad_run_input_fails_before_loading_a_model(cli_env, capsys, tmp_path, extra, message):
+    (tmp_path / "afile").write_text("")
+    err = _one_line_exit_2(RUN + extra, capsys)
+    assert message in err
+    assert cli_env == [] and not (tmp_path / "runs").exists()
+
+
+def test_resume_refusal_names_the_settings_and_comes_before_the_model_load(cli_env, capsys, tmp_path):
+    assert cli.main(RUN + ["--out", "r.json"]) == 0
+    before = (tmp_path / "r.json").read_bytes()
+    cli_env.clear()
+    err = _one_line_exit_2(RUN + ["--out", "r.json", "--max-new-tokens", "5", "--param", "num_pred_tokens=4"], capsys)
+    assert "max_new_tokens: file 8, now 5" in err and "params.num_pred_tokens: file 10, now 4" in err
+    assert cli_env == [] and (tmp_path / "r.json").read_bytes() == before
+
+
+def test_smaller_limit_on_a_finished_file_is_refused(cli_env, capsys, tmp_path):
+    two = [a if a != "1" else "2" for a in RUN]
+    assert cli.main(two + ["--out", "r.json"]) == 0
+    before = (tmp_path / "r.json").read_bytes()
+    err = _one_line_exit_2(RUN + ["--out", "r.json"], capsys)
+    assert "holds 2 prompts, 1 of them beyond the 1 asked for now" in err
+    assert (tmp_path / "r.json").read_bytes() == before
+    assert cli.main(two + ["--out", "r.json"]) == 0  # the same --limit reuses it
+
+
+def test_model_dependent_settings_are_checked_after_the_load(runner, tmp_path):
+    out = tmp_path / "r.json"
+    runner.run(_cfg(limit=1), out=out, progress=False)
+    doc = json.loads(out.read_text())
+    doc["config"]["target"]["weights_sha256"] = "0" * 64
+    out.write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match=r"target.weights_sha256: file '0000"):
+        runner.run(_cfg(limit=1), out=out, progress=False)
+
+
+def test_second_turn_that_could_overflow_the_context_is_refused_before_decoding(tmp_path, monkeypatch):
+    import specbench.bench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "generate", lambda *a, **k: pytest.fail("decoded before the context check"))
+    loaded = tiny_llama(seed=1, max_position_embeddings=65)  # turn 1: 48 + 12 fits; turn 2: 48 + 12 + 12 does not
+    loaded.tokenizer = ToyTokenizer(64)
+    out = tmp_path / "r.json"
+    with pytest.raises(ContextLengthError, match="mt_bench/81 turn 2 .counting each earlier answer at 12 tokens"):
+        Runner(loaded=loaded).run(_cfg(), out=out, progress=False)
+    assert not out.exists()
+
+
+def test_unknown_target_lists_the_embedded_models(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_exit_2(["run", "--method", "pld", "--dataset", "mt_bench", "--target", "smollm9", "--no-progress"],
+                           capsys)
+    assert "not an embedded model (smollm2-135m" in err
+
+
+def test_progress_counts_decodes_and_tokens(runner, tmp_path, capsys):
+    runner.run(_cfg(limit=1), out=tmp_path / "r.json", progress=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "decode" in err and "tokens" in err  # 2 turns x (vanilla, pld)
+
+
+# ------------------------------------------------------------------ prompt files
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_prompt_file_run_records_its_hash_ids_and_own_dataset_name(runner, tmp_path):
+    import hashlib
+
+    f = _write_jsonl(tmp_path / "mine.jsonl", [{"question_id": 7, "category": "chat", "turns": ["Hi there", "And?"]},
+                                                {"question_id": "b", "turns": ["One more"]}])
+    doc = runner.run(_cfg(dataset=f, limit=None), out=tmp_path / "r.json", progress=False)
+    sha = hashlib.sha256((tmp_path / "mine.jsonl").read_bytes()).hexdigest()
+    c = doc["config"]
+    assert c["dataset"] == f"mine@{sha[:8]}" and c["dataset_file"] == {"path": f, "sha256": sha}
+    assert c["prompt_ids"] == [f"mine@{sha[:8]}/7", f"mine@{sha[:8]}/b"]
+    assert [(s["id"], s["turn"], s["category"]) for s in doc["samples"]] == [
+        (f"mine@{sha[:8]}/7", 0, "chat"), (f"mine@{sha[:8]}/7", 1, "chat"), (f"mine@{sha[:8]}/b", 0, "")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", ":2: not a JSON object"),
+    ("[1, 2]", ":2: expected a JSON object"),
+    ({"turns": ["x"]}, ":2: field 'question_id'"),
+    ({"question_id": True, "turns": ["x"]}, ":2: field 'question_id'"),
+    ({"question_id": 2}, ":2: field 'turns'"),
+    ({"question_id": 2, "turns": []}, ":2: field 'turns'"),
+    ({"question_id": 2, "turns": ["ok", ""]}, ":2: field 'turns'"),
+    ({"question_id": 2, "turns": ["x"], "category": 3}, ":2: field 'category'"),
+    ({"question_id": 1, "turns": ["x"]}, ":2: question_id 1 appears twice"),
+])
+def test_bad_prompt_file_names_the_line_and_field(cli_env, capsys, tmp_path, line, message):
+    f = _write_jsonl(tmp_path / "p.jsonl", [{"question_id": 1, "category": "c", "turns": ["x"]}, line])
+    err = _one_line_exit_2(["run", "--method", "pld", "--dataset", f, "--no-progress"], capsys)
+    assert f"{f}{message}" in err
+    assert cli_env == []
+
+
+def test_empty_prompt_file_is_refused(cli_env, capsys, tmp_path):
+    f = _write_jsonl(tmp_path / "p.jsonl", ["", "  "])
+    assert "no questions" in _one_line_exit_2(["run", "--method", "pld", "--dataset", f], capsys)

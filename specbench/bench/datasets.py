@@ -1,11 +1,14 @@
-"""Evaluation prompt sets vendored in specbench/data (see its README for provenance).
+"""Evaluation prompt sets: the ones vendored in specbench/data (see its README for provenance), or
+a user's own JSONL file in the Spec-Bench / FastChat question format.
 
-Loaded with `datasets` (json builder over the vendored files, so nothing is fetched).
+Vendored sets load with `datasets` (json builder over the vendored files, so nothing is fetched).
 These prompts are for evaluation only; no training code reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +50,79 @@ class Prompt:
     turns: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class PromptFile:
+    """A user's prompt file: its name in results (`<stem>@<sha8>`, never a vendored set's name) and content hash."""
+
+    name: str
+    path: Path
+    sha256: str
+
+    def record(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256}
+
+
+def is_prompt_file(spec: str) -> bool:
+    """`--dataset` names a file (rather than a vendored set) when it ends in .jsonl or contains a path separator."""
+    return spec.endswith(".jsonl") or "/" in spec
+
+
+def read_prompt_file(spec: str) -> tuple[PromptFile, list[Prompt]]:
+    """Spec-Bench / FastChat questions, one JSON object a line: question_id, turns, and optionally category.
+
+    The file is read once, so the recorded sha256 is the hash of exactly the prompts decoded.
+    """
+    path = Path(spec).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--dataset {spec}: cannot read the prompt file ({e.strerror})") from None
+    sha = hashlib.sha256(data).hexdigest()
+    pf = PromptFile(f"{path.stem}@{sha[:8]}", path, sha)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{pf.path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not a JSON object ({e.msg}); expected one question per line with "
+                             "question_id, category and turns") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object with question_id, category and turns")
+        qid = row.get("question_id")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool) or str(qid) == "":
+            raise UsageError(f"{where}: field 'question_id' must be an integer or a non-empty string")
+        if str(qid) in seen:
+            raise UsageError(f"{where}: question_id {qid!r} appears twice")
+        seen.add(str(qid))
+        turns = row.get("turns")
+        if (not isinstance(turns, list) or not turns
+                or not all(isinstance(t, str) and t.strip() for t in turns)):
+            raise UsageError(f"{where}: field 'turns' must be a non-empty list of non-empty strings")
+        category = row.get("category", "")
+        if not isinstance(category, str):
+            raise UsageError(f"{where}: field 'category' must be a string")
+        prompts.append(Prompt(f"{pf.name}/{qid}", category, tuple(turns)))
+    if not prompts:
+        raise UsageError(f"{path}: no questions in the file")
+    return pf, prompts
+
+
 def load_prompts(name: str, limit: int | None = None) -> list[Prompt]:
+    """The first `limit` prompts of a vendored set or of a prompt file (see `is_prompt_file`)."""
+    if is_prompt_file(name):
+        _, prompts = read_prompt_file(name)
+        return prompts[:limit] if limit is not None else prompts
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}, "
+                         "or a prompt file PATH.jsonl (question_id, category, turns per line)")
     spec = DATASETS[name]
     import datasets  # heavy import, only when prompts are needed
 

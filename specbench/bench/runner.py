@@ -8,9 +8,12 @@ atomically after every prompt; a stopped run resumes from the prompts it finishe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import resource
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,9 @@ from ..decoding import SamplingConfig, generate, make_generator
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
 from . import metrics, results
-from .datasets import load_prompts
+from .datasets import is_prompt_file, load_prompts, read_prompt_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,7 +39,7 @@ class RunConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     seed: int = 0
     repeats: int = 1
     dtype: str = "auto"
@@ -58,6 +63,122 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# Config keys that depend on the loaded model or drafter; every other key is known before loading.
+_MODEL_KEYS = ("target", "dtype", "device", "draft_checkpoint_sha256", "draft_vocab_sha256")
+_UNCHECKED_KEYS = ("prompt_ids", "limit")  # a resumed run may extend the prompt list
+
+
+@dataclass
+class Plan:
+    """What a run will do, settled before any model is loaded: a bad input fails here, losing nothing."""
+
+    cfg: RunConfig
+    params: dict
+    sampling: SamplingConfig
+    prompts: list
+    settings: dict  # the results file's config, less the model-dependent keys
+    existing: dict | None = None  # the results file this run resumes (set by open_output)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(old: dict, new: dict, keys) -> list[str]:
+    """`key: file X, now Y` for each setting in `keys` that differs (nested settings by dotted name)."""
+    a = _flat({k: old.get(k) for k in keys})
+    b = _flat(json.loads(json.dumps({k: new.get(k) for k in keys})))
+    return [f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _refuse_resume(out: Path, diffs: list[str]) -> UsageError:
+    return UsageError(f"{out} holds a run with other settings ({'; '.join(diffs)}); pass --no-resume to replace it "
+                      f"or choose another --out")
+
+
+def check_writable(path: Path) -> None:
+    """Create `path`'s directory and prove a file can be written there, before any work that would be lost."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot write in {parent} ({e.strerror or e}); choose another --out") from None
+
+
+def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Plan:
+    """Validate a run's settings, prompts and output file without loading a model."""
+    method = get_method(cfg.method)
+    params = method.params(cfg.params)
+    sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.repeats < 1 or cfg.max_new_tokens < 1:
+        raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UsageError(f"--limit must be >= 1 (got {cfg.limit}); leave it out for every prompt")
+    settings = {"method": cfg.method, "params": params, "baseline": "vanilla"}
+    if is_prompt_file(cfg.dataset):
+        pf, prompts = read_prompt_file(cfg.dataset)
+        prompts = prompts[:cfg.limit] if cfg.limit is not None else prompts
+        settings.update(dataset=pf.name, dataset_file=pf.record())
+    else:
+        prompts = load_prompts(cfg.dataset, cfg.limit)
+        settings["dataset"] = cfg.dataset
+    if not prompts:
+        raise UsageError(f"dataset {cfg.dataset!r} has no prompts for --limit {cfg.limit}")
+    settings.update({
+        "limit": cfg.limit, "prompt_ids": [p.id for p in prompts], "sampling": sampling.to_dict(),
+        "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
+        "hf_generate": cfg.hf_generate,
+    })
+    plan = Plan(cfg, params, sampling, prompts, settings, None)
+    if out is not None:
+        open_output(plan, out, resume)
+    return plan
+
+
+def open_output(plan: Plan, out: Path, resume: bool = True) -> None:
+    """Check that `out` can be written and, when resuming, that it holds a run of these settings (plan.existing)."""
+    check_writable(out)
+    plan.existing = None
+    if not (resume and Path(out).exists()):
+        return
+    existing = results.load(out)
+    old, settings = existing["config"], plan.settings
+    keys = (set(old) | set(settings)) - set(_MODEL_KEYS) - set(_UNCHECKED_KEYS)
+    diffs = _differences(old, settings, keys)
+    if diffs:
+        raise _refuse_resume(out, diffs)
+    extra = [pid for pid in old.get("prompt_ids", []) if pid not in settings["prompt_ids"]]
+    if extra:
+        raise UsageError(f"{out} holds {len(old['prompt_ids'])} prompts, {len(extra)} of them beyond the "
+                         f"{len(settings['prompt_ids'])} asked for now (--limit {plan.cfg.limit}); a resumed file "
+                         "must describe every prompt it holds: pass --no-resume to replace it, the same --limit "
+                         "to reuse it, or another --out")
+    plan.existing = existing
+
+
+def default_out(plan: Plan) -> Path:
+    """runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json: the hash covers every other setting, so a run
+    resumes only its own file and never lands on the project's records in results/."""
+    cfg = plan.cfg
+    identity = {"settings": {k: v for k, v in plan.settings.items() if k != "prompt_ids"},
+                "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    dataset = plan.settings["dataset"].replace("/", "_")
+    n = cfg.limit if cfg.limit is not None else "all"
+    return Path("runs") / f"{cfg.method}-{dataset}-t{cfg.temperature:g}-n{n}-{cfg.max_new_tokens}new-{digest}.json"
+
+
 class Runner:
     """Holds the loaded target so several runs (e.g. a benchmark suite) share one load."""
 
@@ -68,78 +189,89 @@ class Runner:
         self.loaded = loaded or load_model(target_spec, dtype=dtype, device=device)
         self.target = Target.from_loaded(self.loaded)
 
-    def run(self, cfg: RunConfig, out: Path | None = None, resume: bool = True, progress: bool = True) -> dict:
-        method = get_method(cfg.method)
-        params = method.params(cfg.params)
-        sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
-        if cfg.repeats < 1 or cfg.max_new_tokens < 1:
-            raise UsageError("--repeats and --max-new-tokens must be >= 1")
-        prompts = load_prompts(cfg.dataset, cfg.limit)
-        if not prompts:
-            raise UsageError(f"dataset {cfg.dataset!r} has no prompts for --limit {cfg.limit}")
+    def run(self, cfg: RunConfig, out: Path | None = None, resume: bool = True, progress: bool = True,
+            plan: Plan | None = None) -> dict:
+        if plan is None:
+            plan = plan_run(cfg, out, resume)
+        method, params, sampling, prompts = get_method(cfg.method), plan.params, plan.sampling, plan.prompts
         tok = self.loaded.tokenizer
         first_turns = [_chat_ids(tok, [{"role": "user", "content": p.turns[0]}]) for p in prompts]
-        for p, ids in zip(prompts, first_turns):  # fail before anything is written
-            try:
-                self.target.check_fits(len(ids), cfg.max_new_tokens)
-            except ContextLengthError as e:
-                raise ContextLengthError(f"{p.id}: {e}") from None
+        for p in prompts:  # every turn, before anything is decoded or written
+            self._check_context(p, cfg.max_new_tokens)
         gen0 = make_generator(cfg.seed, self.target.device)
         drafter = method.drafter(self.target, sampling, gen0, **params)
         vanilla = get_method("vanilla").drafter(self.target, sampling, gen0)
 
-        config = self._config(cfg, params, prompts)
+        config = self._config(plan)
         # Drafters with weights expose the hash of the checkpoint they actually loaded.
         config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
         vocab_sha = getattr(drafter, "draft_vocab_sha256", None)  # the ranking a reduced draft vocabulary follows
         if vocab_sha:
             config["draft_vocab_sha256"] = vocab_sha
-        doc = self._resume(out, config) if (out and resume) else None
-        if doc is None:
+        doc = plan.existing
+        if doc is not None:
+            diffs = _differences(doc["config"], config, (set(doc["config"]) | set(config)) - set(_UNCHECKED_KEYS))
+            if diffs:
+                raise _refuse_resume(out, diffs)
+            doc["config"] = config
+        else:
             doc = {"schema_version": results.SCHEMA_VERSION, "kind": results.KIND,
                    "definitions": metrics.DEFINITIONS, "config": config, "samples": [], "summary": {}}
         done = {(s["id"], s["turn"]) for s in doc["samples"]}
         self._warm_up(first_turns[0], sampling)
 
-        bar = tqdm(prompts, desc=f"{cfg.method} on {cfg.dataset}", disable=not progress, file=sys.stderr,
-                   unit="prompt")
-        for index, prompt in enumerate(bar):
-            if all((prompt.id, t) in done for t in range(len(prompt.turns))):
-                continue
-            doc["samples"] = [s for s in doc["samples"] if s["id"] != prompt.id]
-            doc["samples"] += self._run_prompt(index, prompt, drafter, vanilla, sampling, cfg)
-            self._finish(doc, cfg)
-            if out:
-                results.write_atomic(out, doc)
+        roles = 3 if cfg.hf_generate else 2  # decodes per turn: vanilla, the method (and generate())
+        todo = [p for p in prompts if not all((p.id, t) in done for t in range(len(p.turns)))]
+        bar = tqdm(total=roles * sum(len(p.turns) for p in todo), desc=f"{cfg.method} on {config['dataset']}",
+                   disable=not progress, file=sys.stderr, unit="decode", dynamic_ncols=True)
+        if len(todo) < len(prompts):
+            log.info("resuming %s: %d of %d prompts already done", out, len(prompts) - len(todo), len(prompts))
+        new_tokens = 0
+
+        def on_decode(n: int) -> None:
+            nonlocal new_tokens
+            new_tokens += n
+            bar.set_postfix_str(f"{new_tokens} tokens", refresh=False)
+            bar.update(1)
+
+        with bar:
+            for index, prompt in enumerate(prompts):
+                if prompt not in todo:
+                    continue
+                doc["samples"] = [s for s in doc["samples"] if s["id"] != prompt.id]
+                doc["samples"] += self._run_prompt(index, prompt, drafter, vanilla, sampling, cfg, on_decode)
+                self._finish(doc, cfg)
+                if out:
+                    results.write_atomic(out, doc)
         self._finish(doc, cfg)
         if out:
             results.write_atomic(out, doc)
         return doc
 
-    def _config(self, cfg: RunConfig, params: dict, prompts) -> dict:
-        return {
-            "method": cfg.method, "params": params, "baseline": "vanilla", "dataset": cfg.dataset,
-            "limit": cfg.limit, "prompt_ids": [p.id for p in prompts],
+    def _check_context(self, prompt, max_new: int) -> None:
+        """Turn k's prompt holds the k earlier answers: bound each by max_new tokens, so a later turn that
+        could overflow the context is refused before turn 1 is decoded."""
+        tok = self.loaded.tokenizer
+        messages: list[dict] = []
+        for turn, text in enumerate(prompt.turns):
+            messages = messages + [{"role": "user", "content": text}]
+            n = len(_chat_ids(tok, messages)) + turn * max_new
+            try:
+                self.target.check_fits(n, max_new)
+            except ContextLengthError as e:
+                where = f"{prompt.id}" + (f" turn {turn + 1} (counting each earlier answer at {max_new} tokens)"
+                                          if turn else "")
+                raise ContextLengthError(f"{where}: {e}") from None
+            messages = messages + [{"role": "assistant", "content": ""}]
+
+    def _config(self, plan: Plan) -> dict:
+        config = dict(plan.settings)
+        config.update({
             "target": {"name": self.loaded.name, "weights_sha256": self.loaded.weights_sha256,
                        "source": self.loaded.source},
-            "sampling": SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p).to_dict(),
-            "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
             "dtype": str(self.target.dtype).removeprefix("torch."), "device": str(self.target.device),
-            "hf_generate": cfg.hf_generate,
-        }
-
-    @staticmethod
-    def _resume(out: Path, config: dict) -> dict | None:
-        if not Path(out).exists():
-            return None
-        doc = results.load(out)
-        old = {k: v for k, v in doc["config"].items() if k not in ("prompt_ids", "limit")}
-        new = {k: v for k, v in config.items() if k not in ("prompt_ids", "limit")}
-        if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
-            raise UsageError(f"{out} holds a run with other settings; pass --no-resume to replace it "
-                             f"or choose another --out")
-        doc["config"] = config
-        return doc
+        })
+        return config
 
     def _warm_up(self, ids: list[int], sampling: SamplingConfig) -> None:
         # First forwards pay one-off allocation/threading costs; keep them out of the timings.
@@ -147,7 +279,7 @@ class Runner:
 
         generate(self.target, DrafterBase(), ids, 4, SamplingConfig(), None, stop_ids=set())
 
-    def _run_prompt(self, index, prompt, drafter, vanilla, sampling, cfg) -> list[dict]:
+    def _run_prompt(self, index, prompt, drafter, vanilla, sampling, cfg, on_decode=lambda n: None) -> list[dict]:
         tok, dev = self.loaded.tokenizer, self.target.device
         history = {"method": [], "vanilla": []}
         samples = []
@@ -162,10 +294,12 @@ class Runner:
                     gen = generate(self.target, d, ids, cfg.max_new_tokens, sampling, g)
                     walls.append(gen.wall_s)
                 sample["runs"][cfg.method if role == "method" else "vanilla"] = metrics.record(gen, walls)
+                on_decode(len(gen.tokens))
                 answer = tok.decode(gen.tokens, skip_special_tokens=True)
                 history[role] = messages + [{"role": "assistant", "content": answer}]
             if cfg.hf_generate:
                 sample["runs"]["hf_generate"] = self._hf_generate(_chat_ids(tok, history["vanilla"][:-1]), sampling, cfg)
+                on_decode(sample["runs"]["hf_generate"]["new_tokens"])
             if sampling.greedy and cfg.method != "vanilla":
                 ref, got = sample["runs"]["vanilla"]["tokens"], sample["runs"][cfg.method]["tokens"]
                 sample["greedy_identical"] = ref == got

@@ -156,6 +156,8 @@ class _HeadDrafter(DrafterBase):
     """Shared state: the head, its committed KV cache, the root's predicted feature."""
 
     def __init__(self, head: EagleHead, draft_vocab: int = 0):
+        if int(draft_vocab) < 0:
+            raise UsageError(f"draft_vocab must be >= 0 (0 = the full vocabulary), got {draft_vocab}")
         self.head = head
         w = head.lm_head.weight
         self.device, self.dtype = w.device, w.dtype

@@ -361,8 +361,9 @@ def _not_found(spec: str) -> ModelError:
             hint = f" (the embedded model '{m.name}' is a {Path(m.file).suffix[1:].upper()} copy of it)"
             break
     return ModelError(
-        f"model '{spec}' is not an embedded model, a local directory, or in the local Hugging Face cache; "
-        f"download it first (huggingface-cli download {spec}) or pass a path{hint}")
+        f"model '{spec}' is not an embedded model ({', '.join(sorted({m.name for m in EMBEDDED.values()}))}), "
+        f"a local directory, or in the local Hugging Face cache; download it first "
+        f"(huggingface-cli download {spec}) or pass a path{hint}")
 
 
 def _hf_snapshot(spec: str) -> Path | None:
