@@ -298,6 +298,68 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert not ref.exists() and not png.exists()  # nothing written
 
 
+@pytest.mark.parametrize("case", ["foreign", "corrupt"])
+def test_a_glob_over_studies_skips_them_but_not_a_bad_file(tmp_path, capsys, case):
+    d = tmp_path / "results"
+    d.mkdir()
+    write(d / "pld-mt.json", make_doc("pld", "mt_bench", step=2))
+    write(d / "tree_cost.json", {"schema_version": 1, "kind": "specbench.study", "what": "a cost curve"})
+    write(d / "later.json", {"kind": "specbench.something-new", "rows": []})
+    rc, out, err = run_cli([str(d / "*.json"), "--no-baseline"], capsys)
+    assert rc == 0, err
+    assert "2.000" in out and "pld" in out  # the run's table is printed
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err  # one line per skipped file, naming it and its kind
+    assert any("skipped" in x and "tree_cost.json" in x and "specbench.study" in x for x in lines), err
+    assert any("skipped" in x and "later.json" in x and "specbench.something-new" in x for x in lines), err
+    # a foreign or corrupt JSON among them is still unusable input: exit 2, one line, nothing written
+    if case == "foreign":
+        write(d / "other.json", {"kind": "someone.else", "config": {}})
+    else:
+        (d / "other.json").write_text('{"kind": "specbench.run", "config": {"meth')
+    ref = tmp_path / "ref.json"
+    rc, out, err = run_cli([str(d / "*.json"), "--no-baseline", "--write-reference", str(ref)], capsys)
+    assert rc == 2 and out == "" and not ref.exists()
+    errors = [x for x in err.strip().splitlines() if x.startswith("specbench: error:")]
+    assert len(errors) == 1 and "other.json" in errors[0], err
+    # only skipped files: nothing to compare
+    rc, _, err = run_cli([str(d / "tree_cost.json")], capsys)
+    assert rc == 2 and "no runs in the inputs" in err
+
+
+def test_a_prompt_file_is_its_own_dataset(tmp_path, capsys):
+    """Runs on a user's prompt file (`--dataset PATH.jsonl`) never meet a vendored set's references or claims."""
+    sha = "1a2b3c4d" + "e" * 56
+    refs_dir = tmp_path / "ref-runs"
+    refs_dir.mkdir()
+    ref = tmp_path / "ref.json"
+    write(refs_dir / "pld-mt.json", make_doc("pld", "mt_bench", step=2))
+    assert run_cli([str(refs_dir), "--no-baseline", "--write-reference", str(ref)], capsys)[0] == 0
+
+    def custom(name, method="pld", **kw):
+        doc = make_doc(method, "mt_bench", step=2, **kw)
+        doc["config"]["dataset"] = name
+        doc["config"]["dataset_file"] = {"path": "/data/mt_bench.jsonl", "sha256": sha}
+        return doc
+
+    d = tmp_path / "custom"
+    d.mkdir()
+    # as the runner names it, and a name without its hash (a file called like a vendored set)
+    write(d / "pld.json", custom("mt_bench@1a2b3c4d"))
+    write(d / "la.json", custom("mt_bench", method="lookahead", params={"level": 5}))
+    for baseline in ([], ["--baseline", str(ref)]):
+        rc, out, err = run_cli([str(d), "--format", "csv", *baseline], capsys)
+        assert rc == 0, err
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert {r["dataset"] for r in rows} == {"mt_bench@1a2b3c4d"}  # one dataset, never plain mt_bench
+        assert all(r["reference"] == "" and r["verdict"] == "not comparable" for r in rows), rows
+    run = C.run_from_document(custom("mt_bench"), "x.json")
+    assert run.dataset == "mt_bench@1a2b3c4d" and run.dataset_file["sha256"] == sha
+    assert C.dataset_size(run.dataset) is None
+    rc, out, err = run_cli([str(d)], capsys)  # the plain table and notes (claims, papers) do not crash on it
+    assert rc == 0 and "mt_bench@1a2b3c4d" in out, err
+
+
 def test_mixed_targets_allowed_on_request(tmp_path, capsys):
     b = _bad_inputs(tmp_path)
     rc, out, _ = run_cli([str(b["good"]), str(b["dir"] / "other-target.json"), "--allow-mixed-targets",

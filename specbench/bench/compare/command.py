@@ -103,7 +103,9 @@ def cmd_compare(args) -> int:
                            "a directory or a pytest-benchmark JSON")
     paths = expand_inputs(args.files)
     _check_outputs(args, paths)
-    runs = load_inputs([str(p) for p in paths], args.specbench_base, args.allow_mixed_targets)
+    # skip notices go to stderr as they come, like the CLI's errors, whatever logging is set up
+    runs = load_inputs([str(p) for p in paths], args.specbench_base, args.allow_mixed_targets,
+                       on_skip=lambda msg: print(f"specbench: {msg}", file=sys.stderr))
     rs = load_references(args.baseline, none=args.no_baseline, tolerance=tol)
     method_runs = [r for r in runs if r.method != "vanilla"]
     vanilla = pooled_vanilla(runs)

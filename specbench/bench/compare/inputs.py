@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .. import results as _results
 from .common import CLAIMS_KIND, REFERENCE_KIND, CompareError, read_json
 from .runs import Run, run_from_document
+
+log = logging.getLogger(__name__)
+
+
+class OtherKind(CompareError):
+    """A specbench file of a kind that holds no run (a study, ...): a glob's inputs skip it."""
 
 
 def _is_benchmark_json(data: Any) -> bool:
@@ -56,6 +63,9 @@ def load_run_file(path: Path, specbench_base: Path | None = None) -> list[Run]:
         raise CompareError(f"{path}: a {data['kind']} file is a reference, not a run; pass it with --baseline")
     if isinstance(data, dict) and "rows" in data and "tolerance" in data:
         raise CompareError(f"{path}: a papers' baselines file is a reference, not a run; pass it with --baseline")
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if isinstance(kind, str) and kind.startswith("specbench.") and kind != _results.KIND:
+        raise OtherKind(f"{path}: a {kind} file, not a run")
     return [run_from_document(_results.load(path), str(path))]
 
 
@@ -90,16 +100,30 @@ def expand_inputs(patterns: Iterable[str]) -> list[Path]:
 
 
 def load_inputs(patterns: Iterable[str], specbench_base: str | None = None,
-                allow_mixed_targets: bool = False) -> list[Run]:
-    """The labelled runs of the inputs (files, directories or quoted globs)."""
+                allow_mixed_targets: bool = False, on_skip: Callable[[str], None] = log.warning) -> list[Run]:
+    """The labelled runs of the inputs (files, directories or quoted globs).
+
+    A specbench file of a kind that holds no run (``specbench.study``, any ``specbench.*`` kind
+    but runs, references and claims) is skipped with a warning naming it; everything else that
+    is not a run (a reference, a papers' file, corrupt or foreign JSON) is an error. `on_skip`
+    receives each skip notice (default: the log).
+    """
     patterns = list(patterns)
     if not patterns:
         raise CompareError("no results files given (expected results/*.json, a directory or a pytest-benchmark JSON)")
     paths = expand_inputs(patterns)
     base = Path(specbench_base) if specbench_base else None
     runs: list[Run] = []
+    skipped = []
     for p in paths:
-        runs += load_run_file(p, base)
+        try:
+            runs += load_run_file(p, base)
+        except OtherKind as e:  # e.g. results/**/*.json catching results/studies/: not an error
+            on_skip(f"skipped {e}")
+            skipped.append(p)
+    if not runs:
+        raise CompareError(f"no runs in the inputs (skipped {len(skipped)} file(s) of other kinds, "
+                           f"e.g. {skipped[0]})" if skipped else "no runs in the inputs")
     # a pytest-benchmark record of a run whose results file is also an input: keep the results file
     given = {p.resolve() for p in paths}
     runs = [r for r in runs if not (r.extra.get("results_file") and Path(r.extra["results_file"]).resolve() in given)]

@@ -66,7 +66,8 @@ def reference_cell(r: Run) -> dict:
     """A run as a recorded reference cell: its settings (matched before a verdict) and its metrics."""
     return {
         "target": r.target_key, "target_sha256": r.target_sha, "method": r.method, "params": r.params,
-        "dataset": r.dataset, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p, "seed": r.seed,
+        "dataset": r.dataset, "dataset_file": r.dataset_file, "temperature": r.temperature, "top_k": r.top_k,
+        "top_p": r.top_p, "seed": r.seed,
         "limit": r.limit, "max_new_tokens": r.max_new_tokens, "prompt_ids": r.prompt_ids,
         "tau": r.value("tau"), "tau_macro": r.summary.get("tau_macro"), "alpha_k": r.summary.get("alpha_k"),
         "reached_k": r.summary.get("reached_k"), "speedup": r.value("speedup"),

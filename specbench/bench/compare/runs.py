@@ -23,7 +23,7 @@ class Run:
     target_sha: str | None
     method: str
     params: dict
-    dataset: str
+    dataset: str  # a vendored set's name, or a prompt file's `<stem>@<sha8>` (see `dataset_name`)
     temperature: float
     top_k: int = 0
     top_p: float = 1.0
@@ -31,6 +31,7 @@ class Run:
     limit: int | None = None
     max_new_tokens: int | None = None
     prompt_ids: list | None = None
+    dataset_file: dict | None = None  # {path, sha256} of a user's prompt file; None for a vendored set
     summary: dict = field(default_factory=dict)
     vanilla: dict | None = None
     env: dict = field(default_factory=dict)
@@ -104,6 +105,22 @@ def canonical_target(name: str, suite: dict | None = None) -> str:
     return str(name)
 
 
+def dataset_name(cfg: dict) -> str:
+    """The dataset a run is keyed by: the recorded name, tied to the content hash of a prompt file.
+
+    Runs on a user's prompt file (``config.dataset_file``) are named ``<stem>@<sha8>`` by the
+    runner; a name that lacks its file's hash gets it appended here, so such a run is its own
+    dataset even if the file is called e.g. ``mt_bench.jsonl``: no paper row, recorded
+    reference or claim about a vendored set ever applies to it.
+    """
+    name = str(cfg["dataset"])
+    file = cfg.get("dataset_file")
+    sha = str(file.get("sha256") or "") if isinstance(file, dict) else ""
+    if isinstance(file, dict) and not (sha and name.endswith("@" + sha[:8])):
+        name = f"{name}@{sha[:8] or 'unhashed'}"
+    return name
+
+
 def run_from_document(doc: dict, source: str) -> Run:
     """The method run of a results document (config / summary / environment; `specbench.run`, or a suite's
     benchmark record); `source` names it in messages and tables. Its label is the method name until
@@ -114,7 +131,7 @@ def run_from_document(doc: dict, source: str) -> Run:
         raise CompareError(f"{source}: no config/summary")
     try:
         method = str(cfg["method"])
-        dataset = str(cfg["dataset"])
+        dataset = dataset_name(cfg)
         sampling = cfg.get("sampling") or {}
         temperature = float(sampling.get("temperature", cfg.get("temperature", 0.0)))
         tgt = cfg.get("target") or {}
@@ -135,7 +152,8 @@ def run_from_document(doc: dict, source: str) -> Run:
         method=method, params=normalized(cfg.get("params") or {}), dataset=dataset, temperature=temperature,
         top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0) or 1.0),
         seed=cfg.get("seed"), limit=cfg.get("limit"), max_new_tokens=cfg.get("max_new_tokens"),
-        prompt_ids=cfg.get("prompt_ids"), summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
+        prompt_ids=cfg.get("prompt_ids"),
+        dataset_file=cfg["dataset_file"] if isinstance(cfg.get("dataset_file"), dict) else None, summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
         label=method, extra=dict(doc.get("compare_extra") or {}),
     )
