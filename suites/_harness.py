@@ -36,6 +36,7 @@ import pytest
 from specbench.bench import compare as C
 from specbench.bench import results as R
 from specbench.bench.baselines import DEFAULT_ROOT, BaselineRow, judge, load_baselines
+from specbench.methods import catalogue
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_TARGET = "smollm2-135m"
@@ -110,7 +111,7 @@ def cases(paper: str, table: str, quick: dict | None = None, embedded: bool = Tr
         out.append(pytest.param(c, id=c.id, marks=[pytest.mark.paper, pytest.mark.slow]))
     if embedded and all(r.setting is None for r in rows):
         cells = [k for k in groups if k[2] != "mean"]
-        methods = sorted({k[1] for k in cells}, key=C.label_sort_key)
+        methods = sorted({k[1] for k in cells}, key=catalogue.sort_key)
         datasets = list(dict.fromkeys(k[2] for k in cells))
         temps = sorted({k[3] for k in cells})
         for m in methods:
@@ -199,10 +200,13 @@ class SuiteContext:
 
     def draft_params(self, case: Case, method: str) -> dict:
         """checkpoint=... for a draft-model method in paper mode (skip with what to download when absent)."""
-        if case.mode == "embedded" or method not in ("eagle", "eagle2"):
+        from specbench.methods import get_method
+
+        m = get_method(method)
+        if case.mode == "embedded" or not m.needs_checkpoint:
             return {}
-        draft = self._targets.get(case.target, {}).get("drafts", {}).get(method) or \
-            self._targets.get(case.target, {}).get("drafts", {}).get("eagle")
+        drafts = self._targets.get(case.target, {}).get("drafts", {})
+        draft = drafts.get(method) or (drafts.get(m.identity.draft_of) if m.identity.draft_of else None)
         if not draft or "/" not in draft or " " in draft:
             pytest.skip(f"no published {method} draft for {case.target} ({draft or 'none listed'})")
         for cand in (self.paper_models / draft, self.paper_models / draft.rsplit("/", 1)[-1]):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from specbench.errors import SpecbenchError
+from specbench.methods import catalogue
 
 __all__ = [
     "BaselineError",
@@ -39,11 +40,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "baselines"
 
-METHODS = frozenset({
-    "vanilla", "pld", "lookahead", "eagle", "eagle2", "hass", "fspad", "tvdpp", "kld", "tvd",
-    # extra methods appearing in the EAGLE-2 / EAGLE-3 tables (documented in baselines/README.md)
-    "sps", "medusa", "hydra",
-})
+# the canonical method names: the methods' catalogue (implemented or not; see baselines/README.md)
+METHODS = catalogue.NAMES
 DATASETS = frozenset({
     "mt_bench", "humaneval", "gsm8k", "alpaca", "nq", "cnn_dm",
     "translation", "summarization", "qa", "math_reasoning", "rag", "spec_bench",

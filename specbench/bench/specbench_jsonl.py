@@ -40,15 +40,11 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import SpecbenchError
+from ..methods import catalogue
 from . import metrics, results
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SPEC_BENCH_TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
-_METHOD_ALIASES = {
-    "vanilla": "vanilla", "baseline": "vanilla", "pld": "pld", "lade": "lookahead", "lookahead": "lookahead",
-    "eagle2": "eagle2", "eagle-2": "eagle2", "eagle": "eagle", "hass": "hass", "fspad": "fspad", "sps": "sps",
-    "medusa": "medusa", "hydra": "hydra", "tvdpp": "tvdpp",
-}
 
 
 class SpecBenchError(SpecbenchError):
@@ -105,7 +101,8 @@ def parse_model_id(model_id: str) -> dict:
     method, target = None, s
     parts = s.split("-")
     for i in range(len(parts) - 1, 0, -1):
-        alias = _METHOD_ALIASES.get(parts[i].lower())
+        # the last method name or alias in the id; a hyphenated alias ("eagle-2") before its first part
+        alias = catalogue.canonical("-".join(parts[i:i + 2])) or catalogue.canonical(parts[i])
         if alias:
             method, target = alias, "-".join(parts[:i])
             break

@@ -1,5 +1,17 @@
-"""Speculative decoding methods, one module each, registered as `specbench.methods` entry points."""
+"""Speculative decoding methods, one module each, registered as `specbench.methods` entry points.
 
-from .base import ENTRY_POINT_GROUP, Drafter, DrafterBase, Method, available_methods, get_method
+`catalogue` names every method the papers' tables use (implemented or not); importing this
+package or the catalogue needs no torch (the method modules do).
+"""
 
-__all__ = ["ENTRY_POINT_GROUP", "Drafter", "DrafterBase", "Method", "available_methods", "get_method"]
+from .base import (
+    ENTRY_POINT_GROUP,
+    Drafter,
+    DrafterBase,
+    Method,
+    available_methods,
+    get_method,
+)
+from .catalogue import Identity
+
+__all__ = ["ENTRY_POINT_GROUP", "Drafter", "DrafterBase", "Identity", "Method", "available_methods", "get_method"]

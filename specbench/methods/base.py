@@ -13,11 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..decoding.tree import Proposal, Tree
-from ..decoding.verify import Verdict
 from ..errors import UsageError
+from . import catalogue
+from .catalogue import Identity
+
+if TYPE_CHECKING:  # only annotations: importing the registry or the catalogue needs no torch
+    from ..decoding.tree import Proposal, Tree
+    from ..decoding.verify import Verdict
 
 ENTRY_POINT_GROUP = "specbench.methods"
 
@@ -42,6 +46,8 @@ class DrafterBase:
         pass
 
     def propose(self, tokens: list[int]) -> Proposal:
+        from ..decoding.tree import Proposal
+
         return Proposal()
 
     def update(self, tree: Tree, verdict: Verdict, out) -> None:
@@ -54,6 +60,10 @@ class Method:
 
     `train(argv) -> exit status` is the method's training command line (`specbench train
     --method NAME ARGS...` passes ARGS), or None for training-free methods.
+
+    `identity` (display order, aliases, whether it needs a checkpoint, its default checkpoint)
+    is the catalogue's record of `name` (`catalogue.py`), which the papers' tables share; a
+    plugin the catalogue does not list may pass its own, else it gets a bare one.
     """
 
     name: str
@@ -61,6 +71,30 @@ class Method:
     drafter: Callable[..., Drafter]
     train: Callable[..., Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    identity: Identity | None = None
+
+    def __post_init__(self) -> None:
+        ident = self.identity or catalogue.identity(self.name) or Identity(self.name)
+        if ident.name != self.name:
+            raise ValueError(f"method {self.name!r} was given the identity of {ident.name!r}")
+        object.__setattr__(self, "identity", ident)
+
+    @property
+    def order(self) -> int:
+        return self.identity.order
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return self.identity.aliases
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return self.identity.needs_checkpoint
+
+    def default_checkpoint(self, target: str) -> str | None:
+        """The committed head for `target` (a directory name under specbench/checkpoints/), if there is one."""
+        dc = self.identity.default_checkpoint
+        return dc.name if dc is not None and dc.target == target else None
 
     def params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         overrides = overrides or {}
@@ -89,13 +123,14 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
 
 @lru_cache(maxsize=1)
 def available_methods() -> dict[str, Method]:
+    """The registered methods (entry points), in display order."""
     methods: dict[str, Method] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         method = ep.load()
         if not isinstance(method, Method) or method.name != ep.name:
             raise TypeError(f"entry point {ep.name} -> {ep.value} is not a Method named {ep.name!r}")
         methods[ep.name] = method
-    return dict(sorted(methods.items()))
+    return dict(sorted(methods.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
 def get_method(name: str) -> Method:

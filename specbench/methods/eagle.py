@@ -56,6 +56,7 @@ from ..models.eagle_head import (
     load_eagle_checkpoint,
 )
 from ..models.target import buffer_cache
+from . import catalogue
 from .base import DrafterBase, Method
 
 __all__ = [
@@ -85,8 +86,8 @@ TREES: dict[str, list[list[int]]] = {
     "cpu_4": [[0], [1], [0, 0]],
 }
 
-DEFAULT_CHECKPOINT_NAME = "eagle-smollm2-135m"
-DEFAULT_CHECKPOINT_TARGET = "smollm2-135m"
+# The committed head of the embedded target, as the methods' catalogue records it for eagle and eagle2.
+DEFAULT_CHECKPOINT_TARGET, DEFAULT_CHECKPOINT_NAME = catalogue.identity("eagle").default_checkpoint
 
 
 def default_checkpoint_dir() -> Path:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
+from ...methods import catalogue
 from ..baselines import DEFAULT_ROOT, KNOWN_TARGETS
 from .common import CompareError, is_num, normalized
-
-# display order of the methods (columns, plot legends); unknown methods follow, by name
-_METHOD_ORDER = ["vanilla", "pld", "lookahead", "sps", "medusa", "hydra", "eagle", "eagle2", "hass", "fspad",
-                 "kld", "tvd", "tvdpp"]
 
 
 @dataclass
@@ -64,8 +61,7 @@ class Run:
 
 def label_sort_key(label: str) -> tuple:
     """Sort key of a run label (`method` or `method[...]`): the methods' display order, then the label."""
-    base = label.split("[", 1)[0]
-    return (_METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER), label)
+    return (catalogue.sort_key(label.split("[", 1)[0]), label)
 
 
 _TARGET_MAP: dict[str, str] | None = None

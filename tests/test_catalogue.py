@@ -1,0 +1,86 @@
+"""Method identity in one place: the catalogue, the Method objects that take their identity from it,
+and everything that orders, spells or resolves methods (baselines, compare, Spec-Bench ids, suites)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specbench.bench import baselines as B
+from specbench.bench import compare as C
+from specbench.bench import specbench_jsonl as SB
+from specbench.methods import Identity, Method, available_methods, catalogue
+
+PAPER_ONLY = {"hass", "fspad", "tvdpp", "kld", "tvd", "sps", "medusa", "hydra"}
+
+
+def test_registered_methods_take_their_identity_from_the_catalogue():
+    methods = available_methods()
+    assert {"vanilla", "pld", "lookahead", "eagle", "eagle2"} <= set(methods)
+    for name, m in methods.items():
+        assert m.identity is catalogue.identity(name), name
+        assert m.order == catalogue.identity(name).order
+    assert list(methods) == sorted(methods, key=catalogue.sort_key)  # registry in display order
+
+
+def test_paper_only_methods_have_names_and_order():
+    assert PAPER_ONLY <= catalogue.NAMES and not PAPER_ONLY & set(available_methods())
+    assert B.METHODS == catalogue.NAMES  # the baselines validator accepts exactly the catalogue's names
+    order = [m.name for m in catalogue.KNOWN]
+    assert order.index("vanilla") == 0 and order.index("eagle") < order.index("eagle2") < order.index("hass")
+    assert catalogue.sort_key("my-plugin") > catalogue.sort_key("tvdpp")  # unknown names after the known ones
+
+
+def test_aliases_are_unambiguous_and_case_insensitive():
+    spelled = [a for m in catalogue.KNOWN for a in (m.name, *m.aliases)]
+    assert len(spelled) == len(set(spelled))
+    assert catalogue.canonical("LADE") == "lookahead" and catalogue.canonical("eagle-2") == "eagle2"
+    assert catalogue.canonical("baseline") == "vanilla" and catalogue.canonical("nope") is None
+    # Spec-Bench model ids go through the same aliases, a hyphenated one included
+    assert SB.parse_model_id("vicuna-7b-v1.3-eagle-2-float16-temperature-0.0")["method"] == "eagle2"
+    assert SB.parse_model_id("vicuna-7b-v1.3-eagle-2-float16-temperature-0.0")["target"] == "vicuna-7b-v1.3"
+    assert SB.parse_model_id("vicuna-7b-v1.3-baseline-float16")["method"] == "vanilla"
+
+
+def test_checkpoints_live_on_the_method():
+    import specbench.methods.eagle as E
+
+    m = available_methods()
+    assert m["eagle"].needs_checkpoint and m["eagle2"].needs_checkpoint
+    assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
+    assert m["eagle2"].identity.draft_of == "eagle"
+    for name in ("eagle", "eagle2"):
+        head = m[name].default_checkpoint(E.DEFAULT_CHECKPOINT_TARGET)
+        assert head == E.DEFAULT_CHECKPOINT_NAME == E.default_checkpoint_dir().name
+        assert m[name].default_checkpoint("llama2-chat-7b") is None
+    assert E.default_checkpoint_dir().is_dir()
+    assert m["pld"].default_checkpoint(E.DEFAULT_CHECKPOINT_TARGET) is None
+
+
+def test_a_plugin_gets_an_identity_of_its_own():
+    def drafter(target, sampling, generator):
+        return None
+
+    mine = Method("my-plugin", "a third-party drafter", drafter)
+    assert mine.identity == Identity("my-plugin") and mine.order == len(catalogue.KNOWN)
+    own = Method("my-plugin", "with aliases", drafter, identity=Identity("my-plugin", aliases=("mp",)))
+    assert own.aliases == ("mp",)
+    with pytest.raises(ValueError, match="identity of 'eagle'"):
+        Method("my-plugin", "wrong record", drafter, identity=catalogue.identity("eagle"))
+
+
+def test_compare_orders_columns_by_the_catalogue():
+    labels = ["eagle2", "vanilla", "hass", "my-plugin", "pld[num_pred_tokens=5]", "lookahead"]
+    assert sorted(labels, key=C.label_sort_key) == ["vanilla", "pld[num_pred_tokens=5]", "lookahead", "eagle2",
+                                                    "hass", "my-plugin"]
+
+
+def test_catalogue_and_compare_import_without_torch():
+    code = ("import sys; import specbench.methods.catalogue, specbench.bench.compare, specbench.bench.baselines; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
