@@ -421,6 +421,11 @@ def run_claim(ctx: SuiteContext, claim: dict, dataset: str, temperature: float, 
     entries = benchmark.pedantic(lambda: [ctx.run(case, m, dataset, params[m], request.node.nodeid)
                                           for m in (claim["better"], claim["worse"])], rounds=1, iterations=1)
     a, b = (C.run_from_document(e["doc"], str(e["path"])) for e in entries)
+    from specbench.methods import available_methods
+
+    why = C.why_not_comparable(a, b, available_methods())  # the rule `specbench compare` applies
+    if why:
+        pytest.skip(f"claim not checkable on these runs: {why}")
     va, vb = a.value(claim["metric"]), b.value(claim["metric"])
     benchmark.extra_info.update({"claim": claim["text"], "better": va, "worse": vb, "dataset": dataset,
                                  "temperature": temperature})

@@ -73,8 +73,8 @@ def test_a_plugin_gets_an_identity_of_its_own():
 
 
 def test_compare_orders_columns_by_the_catalogue():
-    labels = ["eagle2", "vanilla", "hass", "my-plugin", "pld[num_pred_tokens=5]", "lookahead"]
-    assert sorted(labels, key=C.label_sort_key) == ["vanilla", "pld[num_pred_tokens=5]", "lookahead", "eagle2",
+    labels = ["eagle2", "vanilla", "hass", "my-plugin", "pld#2", "lookahead"]
+    assert sorted(labels, key=C.label_sort_key) == ["vanilla", "pld#2", "lookahead", "eagle2",
                                                     "hass", "my-plugin"]
 
 
@@ -84,3 +84,22 @@ def test_catalogue_and_compare_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_draft_budgets_count_the_verified_tree_nodes():
+    m = available_methods()
+
+    def budget(name, **params):
+        return m[name].draft_budget(m[name].params(params))
+
+    assert budget("vanilla") == {"tree_nodes": 1}
+    assert budget("pld") == {"tree_nodes": 11}  # 10 predicted tokens after the root
+    assert budget("lookahead", level=3, window=3, guess=3) == {"tree_nodes": 7}  # 3 n-grams of 2 tokens + root
+    assert budget("eagle") == {"tree_nodes": 26, "draft_vocab": 0}  # mc_sim_7b_63: 25 drafts + the root
+    assert budget("eagle", tree="cpu_4", draft_vocab="4096") == {"tree_nodes": 4, "draft_vocab": 4096}
+    assert budget("eagle2", total_tokens=8, draft_vocab=4096) == {"tree_nodes": 8, "draft_vocab": 4096}
+    for name, method in m.items():
+        assert method.at_defaults(method.defaults), name
+    assert m["eagle"].at_defaults(dict(m["eagle"].defaults, checkpoint="/some/head"))  # the draft is no setting
+    assert not m["eagle2"].at_defaults(dict(m["eagle2"].defaults, total_tokens=8))
+    assert not m["eagle2"].at_defaults({"depth": 6})  # a partial record is not the papers' setting

@@ -85,24 +85,92 @@ def snapshot(d: Path) -> dict:
 # ---------------------------------------------------------------- table rendering
 
 
+def _tables(out: str) -> dict[str, list[list[str]]]:
+    """Plain-format tables of compare's output: title word ('tau', 'speedup', 'tokens/s') -> split lines."""
+    blocks = {}
+    for block in out.split("\n\n"):
+        lines = block.splitlines()
+        if len(lines) > 2 and set(lines[2].replace(" ", "")) == {"-"}:
+            blocks[lines[0].split(":")[0]] = [line.split() for line in lines[1:]]
+    return blocks
+
+
 def test_plain_table_rows_and_columns(runs_dir, capsys):
     rc, out, err = run_cli([str(runs_dir / "*.json"), "--no-baseline"], capsys)
     assert rc == 0, err
-    header = out.splitlines()[0].split()
-    assert header[:4] == ["target", "dataset", "T", "metric"]
-    assert header[4:] == ["vanilla", "pld", "lookahead"]  # vanilla first, then the project's method order
-    assert "tau" in out and "speedup" in out and "tokens/s" in out
-    assert "2.000" in out and "3.000" in out and "4.000" in out  # the taus of the three runs
+    tables = _tables(out)
+    assert list(tables) == ["tau", "speedup", "tokens/s"]  # one table per metric
+    for rows in tables.values():
+        header = rows[0]
+        assert header[:2] == ["dataset", "T"]  # one target: named in the title, not in a column
+        assert header[2:] == ["vanilla", "pld", "lookahead"]  # vanilla first, then the project's method order
+        assert [r[0] for r in rows[2:]] == ["humaneval", "mt_bench"]
+    assert "smollm2-135m" in out.splitlines()[0]
+    taus = {tuple(r[:2]): r[2:] for r in tables["tau"][2:]}
+    assert taus[("mt_bench", "0")] == ["1.000", "2.000", "3.000"] and taus[("humaneval", "0")] == ["1.000", "4.000"]
     assert "humaneval" in out and "mt_bench" in out
     assert "verdicts (" in out
 
 
-@pytest.mark.parametrize("fmt,marker", [("github", "| target"), ("markdown", "|:")])
+@pytest.mark.parametrize("fmt,marker", [("github", "| dataset"), ("markdown", "|:")])
 def test_markdown_formats(runs_dir, capsys, fmt, marker):
     rc, out, _ = run_cli([str(runs_dir), "--no-baseline", "--format", fmt], capsys)
     assert rc == 0
     assert marker in out
-    assert all(line.startswith("|") for line in out.splitlines()[:4])
+    lines = out.splitlines()
+    assert lines[0].startswith("tau") and lines[1] == ""  # a title paragraph, then the table
+    assert all(line.startswith("|") for line in lines[2:6])
+
+
+def test_metric_option_and_width(runs_dir, capsys):
+    rc, out, err = run_cli([str(runs_dir), "--no-baseline", "--metric", "speedup"], capsys)
+    assert rc == 0, err
+    assert list(_tables(out)) == ["speedup"]
+    rc, out, _ = run_cli([str(runs_dir), "--no-baseline", "--format", "csv", "--metric", "tau"], capsys)
+    assert rc == 0 and {r["metric"] for r in csv.DictReader(io.StringIO(out))} == {"tau"}
+    with pytest.raises(SystemExit) as e:  # argparse: not a metric
+        run_cli([str(runs_dir), "--metric", "alpha"], capsys)
+    assert e.value.code == 2 and "invalid choice: 'alpha'" in capsys.readouterr().err
+
+
+def test_several_settings_of_one_method_get_short_labels_and_a_legend(tmp_path, capsys):
+    d = tmp_path / "res"
+    d.mkdir()
+    for i, k in enumerate((1, 5, 10)):
+        write(d / f"pld-{k}.json", make_doc("pld", "mt_bench", step=2 + i,
+                                            params={"max_ngram_size": 3, "num_pred_tokens": k}))
+    rc, out, err = run_cli([str(d), "--no-baseline"], capsys)
+    assert rc == 0, err
+    assert _tables(out)["tau"][0] == ["dataset", "T", "vanilla", "pld#1", "pld#2", "pld#3"]
+    legend = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  pld#")}
+    assert sorted(legend.values()) == sorted([["max_ngram_size=3", f"num_pred_tokens={k}"] for k in (1, 5, 10)])
+    assert max(len(line) for line in out.splitlines()) <= 120
+
+
+def test_cells_show_a_reference_only_when_it_measured_the_same_settings(tmp_path, capsys):
+    ref_runs = tmp_path / "ref-runs"
+    ref_runs.mkdir()
+    write(ref_runs / "pld.json", make_doc("pld", step=2))
+    ref = tmp_path / "ref.json"
+    assert run_cli([str(ref_runs), "--no-baseline", "--write-reference", str(ref)], capsys)[0] == 0
+    same = write(tmp_path / "same.json", make_doc("pld", step=2))
+    rc, out, _ = run_cli([str(same), "--baseline", str(ref), "--metric", "tau"], capsys)
+    assert rc == 0 and "2.000 vs 2.000 +0.0% pass" in out
+    other = write(tmp_path / "other.json", make_doc("pld", step=3, params={"max_ngram_size": 4}))
+    rc, out, _ = run_cli([str(other), "--baseline", str(ref), "--metric", "tau"], capsys)
+    assert rc == 0 and "3.000 n/c[a]" in out and " vs " not in _tables(out)["tau"][2]
+    assert "n/c[a] x1: other method parameters (max_ngram_size: 3 vs 4)" in out  # tau row only: 1 cell
+
+
+def test_committed_results_print_a_readable_table_without_false_violations(capsys, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    for pattern in ("results/*.json", "results/*-t[01].json"):
+        rc, out, err = run_cli([pattern], capsys)
+        assert rc == 0, err
+        assert list(_tables(out)) == ["tau", "speedup", "tokens/s"]
+        assert max(len(line) for line in out.splitlines()) <= 120, pattern
+        assert "VIOLATED" not in out and "not checked" in out
 
 
 def test_csv_format_is_pure_csv(runs_dir, capsys):
@@ -190,6 +258,66 @@ def test_paper_rows_use_judge_and_hardware_class():
     d3 = paper_doc(2)
     d3["config"]["prompt_ids"] = full[:3]
     assert "3 of the 80" in _cells(d3, [], rows=rows)["tau"].reason
+
+
+# ---------------------------------------------------------------- claims
+
+EAGLE_CPU10 = {"checkpoint": "", "tree": "cpu_10", "draft_vocab": 0}  # 10 drafts + the root: 11 tree nodes
+EAGLE2_AT = {"checkpoint": "", "depth": 2, "top_k": 10, "draft_vocab": 0}
+
+
+def _claim_dir(tmp_path, eagle_params, eagle2_params, eagle2_tokens=24) -> Path:
+    d = tmp_path / "claims"
+    d.mkdir(exist_ok=True)
+    for f in d.iterdir():
+        f.unlink()
+    # eagle2 accepts less than eagle here (tau 2 vs 3): the claim eagle2 > eagle is violated where it applies
+    write(d / "eagle.json", make_doc("eagle", "mt_bench", step=3, params=eagle_params))
+    write(d / "eagle2.json", make_doc("eagle2", "mt_bench", step=2, params=eagle2_params, tokens=eagle2_tokens))
+    return d
+
+
+CLAIMS_FILE = Path(__file__).resolve().parents[1] / "baselines" / "embedded" / "claims.json"
+
+
+def test_a_violated_claim_between_comparable_runs_is_reported(tmp_path, capsys):
+    from specbench.methods import available_methods
+
+    cases = {  # (eagle params, eagle2 params) -> comparable?
+        "equal tree size": (EAGLE_CPU10, dict(EAGLE2_AT, total_tokens=11)),
+        "both at the papers' settings": (available_methods()["eagle"].defaults,
+                                         available_methods()["eagle2"].defaults),
+    }
+    for name, (pe, pe2) in cases.items():
+        d = _claim_dir(tmp_path, pe, pe2)
+        rc, out, err = run_cli([str(d), "--baseline", str(CLAIMS_FILE)], capsys)
+        assert rc == 0, err
+        assert "VIOLATED on mt_bench T=0: 2.000 vs 3.000" in out, (name, out)
+        assert "not checked" not in out, name
+    [cr] = [c for c in C.check_claims(C.load_inputs([str(d)]), C.load_claims(CLAIMS_FILE))
+            if c["claim"]["id"] == "eagle2_gt_eagle"]
+    assert cr["checked"] and not cr["holds"] and cr["reason"] == ""
+
+
+@pytest.mark.parametrize("eagle2_params,tokens,why", [
+    (dict(EAGLE2_AT, total_tokens=8), 24, "eagle2 verifies 8 tree nodes (draft_vocab 0), eagle 11 tree nodes"),
+    (dict(EAGLE2_AT, total_tokens=11, draft_vocab=4096), 24, "(draft_vocab 4096)"),
+    (dict(EAGLE2_AT, total_tokens=11), 12, "other token budgets (12 vs 24 new tokens)"),
+])
+def test_a_claim_between_mismatched_runs_is_not_checked(tmp_path, capsys, eagle2_params, tokens, why):
+    d = _claim_dir(tmp_path, EAGLE_CPU10, eagle2_params, eagle2_tokens=tokens)
+    rc, out, err = run_cli([str(d), "--baseline", str(CLAIMS_FILE)], capsys)
+    assert rc == 0, err
+    assert "VIOLATED" not in out and "holds" not in out
+    notes = " ".join(out.split())  # the note may wrap
+    assert "not checked on mt_bench T=0:" in notes and why in notes, notes
+
+
+def test_claims_name_unimplemented_methods(tmp_path):
+    runs = [C.run_from_document(make_doc("hass", step=3, params={}), "hass.json"),
+            C.run_from_document(make_doc("eagle2", step=2, params=dict(EAGLE2_AT, total_tokens=11)), "e2.json")]
+    [cr] = [c for c in C.check_claims(runs, C.load_claims(CLAIMS_FILE)) if c["claim"]["id"] == "hass_gt_eagle2"]
+    assert not cr["checked"] and "hass not implemented here" in cr["reason"]
 
 
 # ---------------------------------------------------------------- gate

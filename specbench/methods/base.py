@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # only annotations: importing the registry or the catalogue n
     from ..decoding.verify import Verdict
 
 ENTRY_POINT_GROUP = "specbench.methods"
+CHECKPOINT_PARAM = "checkpoint"  # the parameter naming a method's draft weights (not a setting)
 
 
 class Drafter(Protocol):
@@ -64,6 +65,12 @@ class Method:
     `identity` (display order, aliases, whether it needs a checkpoint, its default checkpoint)
     is the catalogue's record of `name` (`catalogue.py`), which the papers' tables share; a
     plugin the catalogue does not list may pass its own, else it gets a bare one.
+
+    `draft_budget(params) -> {"tree_nodes": N, ...}` says what bounds one step's draft under
+    complete `params`: `tree_nodes` = the most tree nodes one target forward verifies (root
+    included), plus `draft_vocab` for drafters that restrict their vocabulary. Compare checks
+    the papers' ordering claims only between runs of equal budgets (or both at the defaults).
+    `defaults` are the method's published setting (its paper's, or Spec-Bench's for Lookahead).
     """
 
     name: str
@@ -71,6 +78,7 @@ class Method:
     drafter: Callable[..., Drafter]
     train: Callable[..., Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    draft_budget: Callable[[dict[str, Any]], dict[str, int]] | None = None
     identity: Identity | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +103,11 @@ class Method:
         """The committed head for `target` (a directory name under specbench/checkpoints/), if there is one."""
         dc = self.identity.default_checkpoint
         return dc.name if dc is not None and dc.target == target else None
+
+    def at_defaults(self, params: dict[str, Any]) -> bool:
+        """`params` (as recorded) are exactly the defaults, whichever draft checkpoint they name."""
+        return set(params) == set(self.defaults) and all(
+            params[k] == v for k, v in self.defaults.items() if k != CHECKPOINT_PARAM)
 
     def params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         overrides = overrides or {}

@@ -496,6 +496,7 @@ EAGLE = Method(
     _eagle_drafter,
     train=_train,
     defaults={"checkpoint": "", "tree": "mc_sim_7b_63", "draft_vocab": 0},
+    draft_budget=lambda p: {"tree_nodes": len(parse_tree(p["tree"])) + 1, "draft_vocab": int(p["draft_vocab"])},
 )
 
 EAGLE2 = Method(
@@ -504,4 +505,6 @@ EAGLE2 = Method(
     _eagle2_drafter,
     train=_train,
     defaults={"checkpoint": "", "depth": 6, "top_k": 10, "total_tokens": 60, "draft_vocab": 0},
+    # total_tokens counts the root, as the official --total-token does (module docstring)
+    draft_budget=lambda p: {"tree_nodes": int(p["total_tokens"]), "draft_vocab": int(p["draft_vocab"])},
 )

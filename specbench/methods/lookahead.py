@@ -249,4 +249,6 @@ def _drafter(target, sampling, generator, level: int, window: int, guess: int) -
 
 METHOD = Method("lookahead",
                 "Lookahead decoding (Jacobi window + n-gram pool + verification branch in one forward, training-free)",
-                _drafter, defaults={"level": 5, "window": 7, "guess": 7})
+                _drafter, defaults={"level": 5, "window": 7, "guess": 7},
+                # the verification branch: <= G n-grams of N-1 tokens after the root (the window is never verified)
+                draft_budget=lambda p: {"tree_nodes": int(p["guess"]) * (int(p["level"]) - 1) + 1})

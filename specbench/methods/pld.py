@@ -42,4 +42,5 @@ def _drafter(target, sampling, generator, max_ngram_size: int, num_pred_tokens: 
 
 
 METHOD = Method("pld", "prompt lookup decoding (n-gram match in the context, training-free)", _drafter,
-                defaults={"max_ngram_size": 3, "num_pred_tokens": 10})
+                defaults={"max_ngram_size": 3, "num_pred_tokens": 10},
+                draft_budget=lambda p: {"tree_nodes": int(p["num_pred_tokens"]) + 1})  # a chain after the root

@@ -7,4 +7,5 @@ def _drafter(target, sampling, generator) -> DrafterBase:
     return DrafterBase()
 
 
-METHOD = Method("vanilla", "autoregressive baseline (this project's KV-cached loop)", _drafter)
+METHOD = Method("vanilla", "autoregressive baseline (this project's KV-cached loop)", _drafter,
+                draft_budget=lambda p: {"tree_nodes": 1})

@@ -17,10 +17,10 @@ claim ...).  Ordering claims: `claims`.  Output: `render` (tables, notes), `plot
 regressed; 2 on unusable input (one line on stderr, nothing written).
 
 The suites (``suites/_harness.py``) use `run_from_document`, `compare`, `RefSet`,
-`embedded_references`, `benchmark_record`, `dataset_size` and `one_line`.
+`embedded_references`, `benchmark_record`, `dataset_size`, `why_not_comparable` and `one_line`.
 """
 
-from .claims import check_claims
+from .claims import check_claims, why_not_comparable
 from .command import add_parser, cmd_compare, configure, main
 from .common import (
     CLAIMS_KIND,
@@ -100,4 +100,5 @@ __all__ = [
     "render",
     "run_from_document",
     "settings_mismatch",
+    "why_not_comparable",
 ]

@@ -1,27 +1,96 @@
-"""The papers' ordering claims (e.g. tau(HASS) > tau(EAGLE-2)) checked on the runs of one compare."""
+"""The papers' ordering claims (e.g. tau(HASS) > tau(EAGLE-2)) checked on the runs of one compare.
+
+The rule. A claim "metric(better) > metric(worse)" is checked on a pair of runs only when the
+pair makes it meaningful:
+
+1. the same measurement: target, dataset and temperature (the table row), and the same
+   prompts, token budget and top-k / top-p;
+2. comparable drafting: both runs at their methods' defaults (the papers' settings; the draft
+   checkpoint aside), or equal draft budgets (`Method.draft_budget`): the same number of tree
+   nodes verified per step (EAGLE: the static tree's nodes; EAGLE-2: total_tokens; PLD:
+   num_pred_tokens + 1; Lookahead: guess x (level - 1) + 1) and, where both restrict it, the
+   same draft vocabulary.
+
+Any other pair is reported as "not checked" with the reason, never as holding or violated:
+an EAGLE-2 run of 8 tree nodes says nothing about the paper's 60-node EAGLE-2 against EAGLE's
+26-node tree.
+"""
 
 from __future__ import annotations
 
+from ...errors import UsageError
 from .runs import Run
 
 
+def _methods() -> dict:
+    # the method plugins import torch: only when some claim has a pair of runs to judge
+    from ...methods import available_methods
+
+    return available_methods()
+
+
+def _budget(method, params: dict) -> dict | None:
+    if method.draft_budget is None:
+        return None
+    try:
+        return method.draft_budget(method.params(params))
+    except (UsageError, KeyError, TypeError, ValueError):  # recorded params this version cannot read
+        return None
+
+
+def _budget_text(b: dict) -> str:
+    return f"{b['tree_nodes']} tree nodes" + (f" (draft_vocab {b['draft_vocab']})" if "draft_vocab" in b else "")
+
+
+def why_not_comparable(a: Run, b: Run, methods: dict) -> str | None:
+    """Why the claim cannot be judged on runs `a` (the claimed better) and `b` (None: it can)."""
+    why = []
+    if (a.prompt_ids or None) != (b.prompt_ids or None) or not a.prompt_ids:
+        why.append(f"other prompts ({len(a.prompt_ids or [])} vs {len(b.prompt_ids or [])})"
+                   if a.prompt_ids and b.prompt_ids else "prompt set unknown")
+    if a.max_new_tokens != b.max_new_tokens:
+        why.append(f"other token budgets ({a.max_new_tokens} vs {b.max_new_tokens} new tokens)")
+    if (a.top_k, a.top_p) != (b.top_k, b.top_p):
+        why.append(f"other sampling (top_k/top_p {a.top_k}/{a.top_p:g} vs {b.top_k}/{b.top_p:g})")
+    ma, mb = methods.get(a.method), methods.get(b.method)
+    missing = [r.method for r, m in ((a, ma), (b, mb)) if m is None]
+    if missing:
+        why.append(f"{' and '.join(missing)} not implemented here (draft budget unknown)")
+    elif not (ma.at_defaults(a.params) and mb.at_defaults(b.params)):
+        ba, bb = _budget(ma, a.params), _budget(mb, b.params)
+        if ba is None or bb is None:
+            why.append("draft budget unknown, and not both at the papers' settings")
+        elif any(ba[k] != bb[k] for k in ba.keys() & bb.keys()):
+            why.append(f"{a.label} verifies {_budget_text(ba)}, {b.label} {_budget_text(bb)}: judged only at equal "
+                       f"budgets or with both at the papers' settings")
+    return "; ".join(why) or None
+
+
 def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
-    """Ordering claims (e.g. tau(hass) > tau(eagle2)) on every (target, dataset, T) holding both methods."""
-    by_setting: dict[tuple, dict[str, Run]] = {}
+    """Each claim on every pair of runs (same target, dataset and T) of its two methods.
+
+    A result holds the claim, the row (target, dataset, temperature), the labels and values of the
+    pair, `checked` and, when checked, `holds`; else `reason` (see the module's rule).
+    """
+    by_setting: dict[tuple, list[Run]] = {}
     for r in runs:
-        by_setting.setdefault(r.setting_key(), {}).setdefault(r.method, r)
+        by_setting.setdefault(r.setting_key(), []).append(r)
+    methods = None
     out = []
     for cl in claims:
-        for key, methods in sorted(by_setting.items(), key=lambda kv: str(kv[0])):
-            a, b = methods.get(cl["better"]), methods.get(cl["worse"])
-            if a is None or b is None:
+        temps = None if cl.get("temperatures") is None else [float(t) for t in cl["temperatures"]]
+        for key, rs in sorted(by_setting.items(), key=lambda kv: str(kv[0])):
+            if (cl.get("datasets") and key[1] not in cl["datasets"]) or (temps is not None and key[2] not in temps):
                 continue
-            if cl.get("datasets") and key[1] not in cl["datasets"]:
-                continue
-            if cl.get("temperatures") is not None and key[2] not in [float(t) for t in cl["temperatures"]]:
-                continue
-            va, vb = a.value(cl["metric"]), b.value(cl["metric"])
-            holds = va is not None and vb is not None and va > vb
-            out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
-                        "better": va, "worse": vb, "holds": holds})
+            for a in (r for r in rs if r.method == cl["better"]):
+                for b in (r for r in rs if r.method == cl["worse"]):
+                    methods = _methods() if methods is None else methods
+                    va, vb = a.value(cl["metric"]), b.value(cl["metric"])
+                    reason = why_not_comparable(a, b, methods)
+                    if reason is None and (va is None or vb is None):
+                        reason = f"{cl['metric']} not measured"
+                    out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
+                                "labels": (a.label, b.label), "better": va, "worse": vb,
+                                "checked": reason is None, "holds": reason is None and va > vb,
+                                "reason": reason or ""})
     return out

@@ -30,6 +30,8 @@ def configure(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "baselines file (default: all of baselines/)")
     c.add_argument("--no-baseline", action="store_true", help="no references: only the table")
     c.add_argument("--format", default="plain", choices=list(FORMATS))
+    c.add_argument("--metric", action="append", choices=list(METRICS), metavar="METRIC",
+                   help=f"only this metric's table ({', '.join(METRICS)}; repeatable; default: all, one table each)")
     c.add_argument("--gate", action="store_true", help="exit 1 if any cell regressed beyond tolerance")
     c.add_argument("--tolerance", action="append", default=[], metavar="METRIC=REL",
                    help="override a relative tolerance, e.g. tau=0.01 (repeatable)")
@@ -115,9 +117,11 @@ def cmd_compare(args) -> int:
         from .plot import plot_runs
 
         plot_runs(method_runs, vanilla, Path(args.plot))
-    sys.stdout.write(render(cells, vanilla, args.format))
+    metrics = tuple(m for m in METRICS if m in args.metric) if args.metric else METRICS
+    shown = [c for c in cells if c.metric in metrics]  # --metric selects what is printed; the gate sees all
+    sys.stdout.write(render(shown, vanilla, args.format, metrics))
     info = sys.stderr if args.format == "csv" else sys.stdout
-    for line in notes(runs, cells, rs, claim_results):
+    for line in notes(runs, shown, rs, claim_results):
         print(line, file=info)
     if args.plot:
         print(f"plot: {args.plot}", file=info)

@@ -147,20 +147,16 @@ def _check_targets(runs: list[Run], allow_mixed: bool) -> None:
 
 
 def assign_labels(runs: list[Run]) -> None:
-    """Label each run by its method, plus the parameters that differ between runs of the same method."""
+    """Label each run by its method, numbered (``eagle2#1``, ``eagle2#2``) when the method ran with several
+    parameter sets; the legend under the tables lists each label's parameters."""
     by_method: dict[str, list[Run]] = {}
     for r in runs:
         by_method.setdefault(r.method, []).append(r)
     for method, rs in by_method.items():
-        distinct = {json.dumps(r.params, sort_keys=True) for r in rs}
-        if len(distinct) <= 1:
-            for r in rs:
-                r.label = method
-            continue
-        keys = sorted({k for r in rs for k in r.params})
-        differing = [k for k in keys if len({json.dumps(r.params.get(k), sort_keys=True) for r in rs}) > 1]
+        distinct = sorted({json.dumps(r.params, sort_keys=True) for r in rs})
         for r in rs:
-            r.label = method + "[" + ",".join(f"{k}={r.params.get(k)}" for k in differing) + "]"
+            n = distinct.index(json.dumps(r.params, sort_keys=True)) + 1
+            r.label = method if len(distinct) == 1 else f"{method}#{n}"
 
 
 def _check_duplicates(runs: list[Run]) -> None:

@@ -1,9 +1,20 @@
-"""The compare table (plain, github, markdown via tabulate; csv long form) and the notes under it."""
+"""What compare prints: one table per metric (plain, github, markdown via tabulate), or csv long form,
+and the notes under the tables (legend, verdict reasons, references, warnings, claims).
+
+A table's rows are (target,) dataset and temperature, its columns the run labels, vanilla
+first. A cell is the value; where a reference measured the same settings it adds the
+reference, the relative delta and the verdict (``1.253 vs 1.253 +0.0% pass``); a cell that is
+not comparable for a reason other than having no reference is marked ``n/c[a]``, the reason
+given once under the tables. Labels are method names (``eagle2#1``, ``eagle2#2`` when one
+method ran with several settings), their parameters listed in the legend.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import string
+import textwrap
 
 from ...errors import UsageError
 from .common import METRIC_LABEL, METRICS, VERDICTS
@@ -14,7 +25,12 @@ from .verdicts import Cell
 FORMATS = {"plain": "simple", "github": "github", "markdown": "pipe", "csv": None}
 CSV_FIELDS = ["target", "dataset", "temperature", "method", "metric", "value", "reference", "reference_source",
               "delta_rel", "tolerance_rel", "verdict", "reason", "source"]
+METRIC_TITLE = {"tau": "new tokens per target forward, pooled (vanilla 1)",
+                "speedup": "tokens/s over the vanilla loop timed alongside",
+                "tokens_per_s": "new tokens / wall time"}
+NOTE_WIDTH = 100  # notes wrap here, so an 80-120 column terminal shows them whole
 _SHORT = {"pass": "pass", "regress": "REGRESS", "improve": "improve", "not comparable": "n/c"}
+_UNMARKED = ("no reference", "the denominator")  # n/c reasons that need no footnote
 
 
 def fmt(metric: str, v: float | None) -> str:
@@ -28,46 +44,66 @@ def fmt(metric: str, v: float | None) -> str:
     return f"{v:.1f}"
 
 
-def _cell_text(c: Cell) -> str:
+def footnotes(cells: list[Cell]) -> dict[str, str]:
+    """n/c reason -> its footnote mark (a, b, ...), most frequent first."""
+    counts: dict[str, int] = {}
+    for c in cells:
+        if c.verdict == "not comparable" and c.reason not in _UNMARKED:
+            counts[c.reason] = counts.get(c.reason, 0) + 1
+    ordered = sorted(counts, key=lambda r: -counts[r])
+    marks = list(string.ascii_lowercase) + [f"z{i}" for i in range(len(ordered))]
+    return dict(zip(ordered, marks))
+
+
+def _cell_text(c: Cell, marks: dict[str, str]) -> str:
     s = fmt(c.metric, c.value)
-    if c.ref is not None and c.value is not None:
-        d = c.delta_rel
-        s += f" vs {fmt(c.metric, c.ref.value)} ({d:+.1%}) {_SHORT[c.verdict]}" if d is not None else ""
-    return s
+    if c.matched and c.ref is not None and c.delta_rel is not None:
+        s += f" vs {fmt(c.metric, c.ref.value)} {c.delta_rel:+.1%}"
+    if c.verdict != "not comparable":
+        return f"{s} {_SHORT[c.verdict]}"
+    return f"{s} n/c[{marks[c.reason]}]" if c.reason in marks else s
 
 
-def table_rows(cells: list[Cell], vanilla: list[Run]) -> tuple[list[str], list[list[str]]]:
+def tables(cells: list[Cell], vanilla: list[Run],
+           metrics: tuple[str, ...] = METRICS) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of one table per metric."""
+    marks = footnotes(cells)
     labels = sorted({c.run.label for c in cells} | ({"vanilla"} if vanilla else set()), key=label_sort_key)
+    targets = sorted({c.run.target_key for c in cells} | {v.target_key for v in vanilla})
     grid: dict[tuple, dict[str, dict[str, str]]] = {}
     for c in cells:
-        grid.setdefault(c.run.setting_key(), {}).setdefault(c.run.label, {})[c.metric] = _cell_text(c)
+        grid.setdefault(c.run.setting_key(), {}).setdefault(c.run.label, {})[c.metric] = _cell_text(c, marks)
     for v in vanilla:
         d = grid.setdefault(v.setting_key(), {}).setdefault("vanilla", {})
-        d.setdefault("tau", "1.000")
-        d.setdefault("speedup", "1.00x")
+        d.setdefault("tau", fmt("tau", 1.0))
+        d.setdefault("speedup", fmt("speedup", 1.0))
         d.setdefault("tokens_per_s", fmt("tokens_per_s", v.value("tokens_per_s")))
-    headers = ["target", "dataset", "T", "metric"] + labels
-    rows = []
-    for key in sorted(grid, key=lambda k: (k[0], k[1], k[2])):
-        for i, m in enumerate(METRICS):
-            lead = [key[0], key[1], f"{key[2]:g}"] if i == 0 else ["", "", ""]
-            rows.append(lead + [METRIC_LABEL[m]] + [grid[key].get(lab, {}).get(m, "") for lab in labels])
-    return headers, rows
+    mixed = len(targets) > 1
+    out = []
+    for m in metrics:
+        title = f"{METRIC_LABEL[m]}: {METRIC_TITLE[m]}" + ("" if mixed else f", {targets[0]}" if targets else "")
+        headers = (["target"] if mixed else []) + ["dataset", "T"] + labels
+        rows = [([key[0]] if mixed else []) + [key[1], f"{key[2]:g}"]
+                + [grid[key].get(lab, {}).get(m, "") for lab in labels] for key in sorted(grid)]
+        out.append((title, headers, rows))
+    return out
 
 
 def _csv_num(v) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
-def render_csv(cells: list[Cell], vanilla: list[Run]) -> str:
+def render_csv(cells: list[Cell], vanilla: list[Run], metrics: tuple[str, ...] = METRICS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
     for v in sorted(vanilla, key=lambda r: r.setting_key()):
-        for m in METRICS:
+        for m in metrics:
             w.writerow([v.target_key, v.dataset, f"{v.temperature:g}", "vanilla", m, _csv_num(v.value(m)),
                         "", "", "", "", "not comparable", "the denominator", v.source])
     for c in sorted(cells, key=lambda c: (c.run.setting_key(), label_sort_key(c.run.label), METRICS.index(c.metric))):
+        if c.metric not in metrics:
+            continue
         r = c.run
         w.writerow([r.target_key, r.dataset, f"{r.temperature:g}", r.label, c.metric, _csv_num(c.value),
                     _csv_num(c.ref.value if c.ref else None), c.ref.source if c.ref else "",
@@ -76,28 +112,82 @@ def render_csv(cells: list[Cell], vanilla: list[Run]) -> str:
     return buf.getvalue()
 
 
-def render(cells: list[Cell], vanilla: list[Run], fmt_name: str = "plain") -> str:
+def render(cells: list[Cell], vanilla: list[Run], fmt_name: str = "plain", metrics: tuple[str, ...] = METRICS) -> str:
+    """The tables of `metrics` in a `FORMATS` format (csv: one long table)."""
     if fmt_name not in FORMATS:
         raise UsageError(f"--format {fmt_name!r}: use one of {', '.join(FORMATS)}")
     if fmt_name == "csv":
-        return render_csv(cells, vanilla)
+        return render_csv(cells, vanilla, metrics)
     from tabulate import tabulate
 
-    headers, rows = table_rows(cells, vanilla)
-    return tabulate(rows, headers=headers, tablefmt=FORMATS[fmt_name], disable_numparse=True) + "\n"
+    blocks = []
+    for title, headers, rows in tables(cells, vanilla, metrics):
+        table = tabulate(rows, headers=headers, tablefmt=FORMATS[fmt_name], disable_numparse=True)
+        # markdown needs a blank line between the title paragraph and the table
+        blocks.append(title + ("\n\n" if fmt_name != "plain" else "\n") + table)
+    return "\n\n".join(blocks) + "\n\n"
+
+
+def _wrap(line: str) -> list[str]:
+    """A long note on several lines, its continuation indented past the note's own indent."""
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, NOTE_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def legend(runs: list[Run]) -> list[str]:
+    """One line per label: the parameters it ran with (the committed default head left implicit)."""
+    seen: dict[str, dict] = {}
+    for r in sorted(runs, key=lambda r: label_sort_key(r.label)):
+        if r.method != "vanilla":
+            seen.setdefault(r.label, r.params)
+    if not seen:
+        return []
+    width = max(len(lab) for lab in seen)
+    out = ["methods:"]
+    for lab, params in seen.items():
+        shown = " ".join(f"{k}={v}" for k, v in params.items() if not (k == "checkpoint" and v in ("", None)))
+        out.append(f"  {lab:<{width}}  {shown or '(no parameters)'}")
+    return out
+
+
+def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
+    if not claim_results:
+        return []
+    out = ["claims (the papers' orderings; judged only between comparable runs, see the README):"]
+    by_claim: dict[str, list[dict]] = {}
+    for cr in claim_results:
+        by_claim.setdefault(cr["claim"].get("id") or cr["claim"]["text"], []).append(cr)
+    for results in by_claim.values():
+        cl = results[0]["claim"]
+        out.append(f"  {cl['better']} {cl['metric']} > {cl['worse']} {cl['metric']}"
+                   + (f" ({cl['source']})" if cl.get("source") else ""))
+        unchecked: dict[str, list[str]] = {}
+        for cr in results:
+            where = ((f"{cr['target']} " if several_targets else "") + f"{cr['dataset']} T={cr['temperature']:g}"
+                     + ("" if cr["labels"] == (cl["better"], cl["worse"]) else " ({} vs {})".format(*cr["labels"])))
+            if cr["checked"]:
+                out.append(f"    {'holds' if cr['holds'] else 'VIOLATED'} on {where}: "
+                           f"{fmt(cl['metric'], cr['better'])} vs {fmt(cl['metric'], cr['worse'])}")
+            else:
+                unchecked.setdefault(cr["reason"], []).append(where)
+        for reason, wheres in unchecked.items():
+            out.append(f"    not checked on {', '.join(wheres)}: {reason}")
+    return out
 
 
 def notes(runs: list[Run], cells: list[Cell], rs: RefSet, claim_results: list[dict]) -> list[str]:
-    out = []
+    """The lines under the tables, each at most NOTE_WIDTH wide where its words allow."""
+    out = legend(runs)
     counts = {v: sum(c.verdict == v for c in cells) for v in VERDICTS}
     src = " + ".join(rs.kinds) if rs.kinds else "none"
-    out.append(f"verdicts ({len(cells)} cells, references: {src}): " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS))
-    reasons: dict[str, int] = {}
-    for c in cells:
-        if c.verdict == "not comparable" and c.run.method != "vanilla":
-            reasons[c.reason] = reasons.get(c.reason, 0) + 1
-    for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        out.append(f"  n/c x{n}: {r}")
+    no_ref = sum(c.reason == "no reference" for c in cells)
+    out.append(f"verdicts ({len(cells)} cells, references: {src}): " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
+               + (f"; {no_ref} without a reference (a value alone)" if no_ref else ""))
+    marks = footnotes(cells)
+    for reason, mark in marks.items():
+        n = sum(c.reason == reason and c.verdict == "not comparable" for c in cells)
+        out.append(f"  n/c[{mark}] x{n}: {reason}")
     pooled: dict[tuple, int] = {}
     for r in runs:
         if r.method != "vanilla" and r.vanilla:
@@ -120,10 +210,5 @@ def notes(runs: list[Run], cells: list[Cell], rs: RefSet, claim_results: list[di
             out.append(f"{r.source}: Spec-Bench speed.py convention (mean of per-question tokens/s): speedup "
                        f"{fmt('speedup', sb.get('speedup_ratio'))}, mean accepted tokens "
                        f"{fmt('tau', sb.get('mean_accepted_tokens'))}")
-    for cr in claim_results:
-        cl = cr["claim"]
-        out.append(f"claim {cl['better']} {cl['metric']} > {cl['worse']} {cl['metric']} ({cl.get('source', '')}) on "
-                   f"{cr['target']} {cr['dataset']} T={cr['temperature']:g}: "
-                   f"{'holds' if cr['holds'] else 'VIOLATED'} ({fmt(cl['metric'], cr['better'])} vs "
-                   f"{fmt(cl['metric'], cr['worse'])})")
-    return out
+    out += _claim_lines(claim_results, len({r.target_key for r in runs}) > 1)
+    return [w for line in out for w in (_wrap(line) if len(line) > NOTE_WIDTH else [line])]

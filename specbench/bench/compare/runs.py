@@ -60,8 +60,8 @@ class Run:
 
 
 def label_sort_key(label: str) -> tuple:
-    """Sort key of a run label (`method` or `method[...]`): the methods' display order, then the label."""
-    return (catalogue.sort_key(label.split("[", 1)[0]), label)
+    """Sort key of a run label (`method` or `method#n`): the methods' display order, then the label."""
+    return (catalogue.sort_key(label.split("#", 1)[0]), label)
 
 
 _TARGET_MAP: dict[str, str] | None = None

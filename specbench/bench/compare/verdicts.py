@@ -29,6 +29,7 @@ class Cell:
     verdict: str = "not comparable"
     reason: str = "no reference"
     others: list[Reference] = field(default_factory=list)  # further matching references (not gated)
+    matched: bool = False  # `ref` measured this run's settings (its value and delta mean something here)
 
     @property
     def delta_rel(self) -> float | None:
@@ -141,6 +142,7 @@ def _judge_cell(cell: Cell, rs: RefSet) -> None:
         if settings_mismatch(c, run) is not None:
             cell.reason = mismatch or "other settings"
             return
+        cell.matched = True
         if not ref.gated:
             cell.reason = f"{METRIC_LABEL[metric]} is recorded, not gated, on this reference (a shared CPU)"
             return
@@ -166,6 +168,7 @@ def _judge_cell(cell: Cell, rs: RefSet) -> None:
         if size and n and n < size:
             cell.reason = f"run used {n} of the {size} prompts"
             return
+        cell.matched = True
         j = judge(row, v, run.hardware)
         if j == "not_comparable":
             if metric == "speedup" and "bound" not in row.extra and row.dataset is not None:
