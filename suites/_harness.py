@@ -16,7 +16,8 @@ download or that the method does not exist yet, never failed or faked.
 Every case decodes under the ``benchmark`` fixture (one round: ``benchmark.pedantic``),
 stores tau / alpha_k / speedup in ``extra_info`` (plus the whole run record under
 ``extra_info["specbench"]``, which ``specbench compare`` reads from ``--benchmark-json``) and
-writes the results JSON of the run under ``--suite-results`` (default ``results/suites``):
+writes the results JSON of the run under ``--suite-results`` (default ``runs/suites``; the
+committed records in ``results/suites`` are rewritten only when that path is given):
 ``<profile>/<target>/<method>-<dataset>-t<T>.json``.  Runs are shared within a session:
 HASS Table 1 (tau) and Table 2 (speedup) read the same decode.
 """
@@ -156,7 +157,7 @@ class SuiteContext:
         env = os.environ.get
         pm = opt("--paper-models") or env("SPECBENCH_PAPER_MODELS")
         self.paper_models = Path(pm).expanduser() if pm else None
-        self.results_root = Path(opt("--suite-results") or env("SPECBENCH_SUITE_RESULTS") or REPO / "results" / "suites")
+        self.results_root = Path(opt("--suite-results") or env("SPECBENCH_SUITE_RESULTS") or REPO / "runs" / "suites")
         lim = opt("--suite-limit") or env("SPECBENCH_SUITE_LIMIT")
         mnt = opt("--suite-max-new-tokens") or env("SPECBENCH_SUITE_MAX_NEW_TOKENS")
         self.limit_override = int(lim) if lim else None

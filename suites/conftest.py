@@ -16,7 +16,8 @@ def pytest_addoption(parser):
                 help="paper mode: directory holding the papers' targets and drafts as DIR/<hf id> "
                      "(env SPECBENCH_PAPER_MODELS); without it the paper cases are skipped")
     g.addoption("--suite-results", metavar="DIR",
-                help="where the cases write their results JSON (env SPECBENCH_SUITE_RESULTS; default results/suites)")
+                help="where the cases write their results JSON (env SPECBENCH_SUITE_RESULTS; default runs/suites, "
+                     "so the records in results/suites change only when that path is given)")
     g.addoption("--suite-limit", type=int, metavar="N",
                 help="prompts per case, for every profile (env SPECBENCH_SUITE_LIMIT)")
     g.addoption("--suite-max-new-tokens", type=int, metavar="N",
