@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecbenchError
+from .hf_compat import cache_kwargs
 
 __all__ = [
     "CheckpointError",
@@ -227,8 +228,7 @@ class EagleHead(nn.Module):
         mask = self._mask(attention_mask, B, T, past, h.dtype, h.device)
         pos_emb = self.rotary_emb(h, position_ids)
         out = self.layers[0](h, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=past_key_values is not None,
-                             position_embeddings=pos_emb)
+                             position_embeddings=pos_emb, **cache_kwargs(self.layers[0], past_key_values))
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, predicted_features: torch.Tensor) -> torch.Tensor:

@@ -17,19 +17,31 @@ from transformers.cache_utils import DynamicLayer
 
 from ..decoding.tree import Proposal, Tree
 from ..errors import ContextLengthError
+from .hf_compat import cache_kwargs
 
 
 class BufferLayer(DynamicLayer):
     """A KV layer over a preallocated buffer: appends write in place instead of concatenating.
 
     `keys`/`values` stay views of the filled part, so transformers code that reads them
-    keeps working; `keep` implements the commit of an accepted tree path in place.
+    keeps working; `keep` implements the commit of an accepted tree path in place.  The layer
+    keeps its own state rather than DynamicLayer's: the base's lazy initialisation and flags
+    differ across the supported transformers versions.
     """
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        super().lazy_initialization(key_states, value_states)
+    def __init__(self) -> None:
+        super().__init__()
         self.size = 0
         self._kbuf = self._vbuf = None
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states, value_states=None) -> None:  # 4.56 passes the keys only
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states.new_empty((*key_states.shape[:-2], 0, key_states.shape[-1]))
+        self.keys = self.values = empty
+        self.size = 0
+        self._kbuf = self._vbuf = None
+        self.is_initialized = True
 
     def _reserve(self, size: int, like: torch.Tensor) -> None:
         if self._kbuf is not None and self._kbuf.shape[-2] >= size:
@@ -58,12 +70,15 @@ class BufferLayer(DynamicLayer):
         self.values = self._vbuf[..., :size, :]
 
     def get_seq_length(self) -> int:
-        return self.size if self.is_initialized else 0
+        return self.size
 
     def truncate(self, size: int) -> None:
         """Drop everything after the first `size` positions (no copy)."""
-        if self.is_initialized and size < self.size:
+        if size < self.size:
             self._set_size(size)
+
+    def reset(self) -> None:
+        self.truncate(0)
 
     def keep(self, start: int, index: torch.Tensor | None, count: int) -> None:
         """Keep positions start + index (or the next `count` when index is None) after `start`."""
@@ -129,7 +144,7 @@ class Target:
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out = self.body(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                        past_key_values=self.cache, use_cache=True)
+                        **cache_kwargs(self.body, self.cache))
         return out.last_hidden_state[0]
 
     @torch.inference_mode()
