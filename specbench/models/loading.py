@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "weights_sha256_of_dir"]
 
 MANIFEST = "specbench-cache.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: safetensors metadata format=pt and a tied head stored as the embedding (both for 4.56)
 
 
 @dataclass
@@ -262,9 +262,22 @@ def _share_modes(d: Path) -> None:
         os.chmod(f, 0o666 & ~umask)
 
 
+def _tensors_to_save(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with a tied LM head left out, as save_pretrained writes it.
+
+    Every supported transformers version re-ties the head from the input embedding on load; a file
+    that holds the head's name instead leaves the embedding unloaded on transformers 4.56.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    drop = set()
+    if head is not None and head.weight.data_ptr() == embed.weight.data_ptr():
+        drop = {f"{name}.weight" for name, mod in model.named_modules() if mod is head}
+    return {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+
+
 def _convert_embedded(m: EmbeddedModel, root: Path, cache: Path) -> None:
     """GGUF -> float32 safetensors + config + tokenizer in `root`, written atomically (temp dir + rename)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = fetch_embedded(m.name, cache=cache)
@@ -275,7 +288,8 @@ def _convert_embedded(m: EmbeddedModel, root: Path, cache: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings (save_pretrained refuses: gguf quantizer)
+        # save_pretrained refuses a model loaded through the gguf quantizer: write the tensors ourselves.
+        save_file(_tensors_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_dict()
         for k in ("quantization_config", "_model_name_or_path"):
             cfg.pop(k, None)
@@ -290,7 +304,7 @@ def _convert_embedded(m: EmbeddedModel, root: Path, cache: Path) -> None:
         gc.collect()
         back = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, local_files_only=True)
         got = back.state_dict()
-        bad = [k for k, v in ref.items() if k not in got or not torch.equal(got[k], v)]
+        bad = [k for k, v in ref.items() if k not in got or got[k].is_meta or not torch.equal(got[k], v)]
         tied_ok = (not cfg.get("tie_word_embeddings")) or (
             back.get_output_embeddings().weight.data_ptr() == back.get_input_embeddings().weight.data_ptr())
         del back, got, ref
