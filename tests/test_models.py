@@ -196,8 +196,9 @@ def test_unknown_spec_error(tmp_path):
     with pytest.raises(M.ModelError) as e:
         M.load_model("no-such-org/no-such-model-xyz", cache=tmp_path)
     assert str(e.value) == (
-        "model 'no-such-org/no-such-model-xyz' is not an embedded model, a local directory, or in the local "
-        "Hugging Face cache; download it first (huggingface-cli download no-such-org/no-such-model-xyz) or pass a path")
+        "model 'no-such-org/no-such-model-xyz' is not an embedded model (smollm2-135m), a local directory, or in the "
+        "local Hugging Face cache; download it first (huggingface-cli download no-such-org/no-such-model-xyz) or pass "
+        "a path")
     assert isinstance(e.value, SpecbenchError)
     with pytest.raises(M.ModelError, match="is not an embedded model"):
         M.load_model(str(tmp_path / "missing-dir"), cache=tmp_path)
