@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sampling import SamplingConfig
 from .tree import Tree
 from .verify import accept
+
+if TYPE_CHECKING:  # annotations only: the target and the drafters import this package
+    from ..methods.base import Drafter
+    from ..models.target import Target
 
 
 @dataclass
@@ -48,7 +53,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def generate(target, drafter, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
+def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
              generator: torch.Generator | None = None, stop_ids: set[int] | None = None) -> Generation:
     """Decode up to `max_new_tokens` after `prompt` (a non-empty token list)."""
     if not prompt:

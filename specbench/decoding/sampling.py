@@ -34,7 +34,7 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 

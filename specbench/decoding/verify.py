@@ -72,7 +72,7 @@ class BatchVerdict:
         return Verdict(self.path[b, :n].tolist(), int(self.token[b]))
 
 
-def _walk(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator,
+def _walk(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator: torch.Generator | None,
           tokens: torch.Tensor | None = None) -> BatchVerdict:
     B, n, V = p.shape
     if n != len(tree):
@@ -109,12 +109,12 @@ def _walk(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator,
     return BatchVerdict(path, n_acc, sample(r, generator), tokens)
 
 
-def verify_tree_deterministic(p: torch.Tensor, tree: Tree, generator=None) -> BatchVerdict:
+def verify_tree_deterministic(p: torch.Tensor, tree: Tree, generator: torch.Generator | None = None) -> BatchVerdict:
     """Tree of deterministic candidates; p (B, n, V) target distributions per node."""
     return _walk(p, tree, None, generator)
 
 
-def verify_tree_sampled(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator=None,
+def verify_tree_sampled(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator: torch.Generator | None = None,
                         tokens: torch.Tensor | None = None) -> BatchVerdict:
     """Tree whose siblings were sampled i.i.d. from q; q (B, n, V), row i = q of node i (row 0 unused).
 
@@ -124,7 +124,7 @@ def verify_tree_sampled(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator=
     return _walk(p, tree, q, generator, tokens)
 
 
-def verify_chain(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator=None,
+def verify_chain(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator: torch.Generator | None = None,
                  tokens: torch.Tensor | None = None) -> BatchVerdict:
     """Leviathan/Chen speculative sampling of a chain drafted from q (arguments as verify_tree_sampled)."""
     if not tree.is_chain:
@@ -135,7 +135,7 @@ def verify_chain(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator=None,
 def verify_greedy(logits: torch.Tensor, tree: Tree) -> Verdict:
     """Temperature 0: follow children that equal the target's argmax."""
     best = logits.argmax(-1).tolist()
-    node, path = 0, []
+    node, path = 0, list[int]()
     while True:
         nxt = next((c for c in tree.children[node] if tree.tokens[c] == best[node]), None)
         if nxt is None:
@@ -145,7 +145,7 @@ def verify_greedy(logits: torch.Tensor, tree: Tree) -> Verdict:
 
 
 def accept(logits: torch.Tensor, tree: Tree, cfg: SamplingConfig, draft_probs: torch.Tensor | None,
-           generator=None) -> Verdict:
+           generator: torch.Generator | None = None) -> Verdict:
     """The decode loop's entry point: logits (n, V) for the tree's nodes."""
     if cfg.greedy:
         return verify_greedy(logits, tree)

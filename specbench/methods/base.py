@@ -22,6 +22,7 @@ from .catalogue import Identity
 if TYPE_CHECKING:  # only annotations: importing the registry or the catalogue needs no torch
     from ..decoding.tree import Proposal, Tree
     from ..decoding.verify import Verdict
+    from ..models.target import StepOutput
 
 ENTRY_POINT_GROUP = "specbench.methods"
 CHECKPOINT_PARAM = "checkpoint"  # the parameter naming a method's draft weights (not a setting)
@@ -30,20 +31,20 @@ CHECKPOINT_PARAM = "checkpoint"  # the parameter naming a method's draft weights
 class Drafter(Protocol):
     """Per-sequence drafting state, driven by `specbench.decoding.loop.generate`."""
 
-    def begin(self, prompt: list[int], prefill) -> None:
+    def begin(self, prompt: list[int], prefill: StepOutput) -> None:
         """A new sequence: `prompt` (all tokens; the last is not yet cached) and the prefill StepOutput."""
 
     def propose(self, tokens: list[int]) -> Proposal:
         """Draft continuations of `tokens` (the whole sequence so far; its last token is the tree root)."""
 
-    def update(self, tree: Tree, verdict: Verdict, out) -> None:
+    def update(self, tree: Tree, verdict: Verdict, out: StepOutput) -> None:
         """What the target did with the proposal: its StepOutput over the tree and the accepted path."""
 
 
 class DrafterBase:
     """No-op hooks; subclasses override what they need."""
 
-    def begin(self, prompt: list[int], prefill) -> None:
+    def begin(self, prompt: list[int], prefill: StepOutput) -> None:
         pass
 
     def propose(self, tokens: list[int]) -> Proposal:
@@ -51,7 +52,7 @@ class DrafterBase:
 
         return Proposal()
 
-    def update(self, tree: Tree, verdict: Verdict, out) -> None:
+    def update(self, tree: Tree, verdict: Verdict, out: StepOutput) -> None:
         pass
 
 
@@ -87,21 +88,25 @@ class Method:
             raise ValueError(f"method {self.name!r} was given the identity of {ident.name!r}")
         object.__setattr__(self, "identity", ident)
 
+    def _identity(self) -> Identity:
+        assert self.identity is not None  # set by __post_init__
+        return self.identity
+
     @property
     def order(self) -> int:
-        return self.identity.order
+        return self._identity().order
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        return self.identity.aliases
+        return self._identity().aliases
 
     @property
     def needs_checkpoint(self) -> bool:
-        return self.identity.needs_checkpoint
+        return self._identity().needs_checkpoint
 
     def default_checkpoint(self, target: str) -> str | None:
         """The committed head for `target` (a directory name under specbench/checkpoints/), if there is one."""
-        dc = self.identity.default_checkpoint
+        dc = self._identity().default_checkpoint
         return dc.name if dc is not None and dc.target == target else None
 
     def at_defaults(self, params: dict[str, Any]) -> bool:
