@@ -27,19 +27,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from specbench.artifacts import environment, write_json
 from specbench.bench.datasets import DATA_DIR
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from specbench.decoding import SamplingConfig, generate
+from specbench.logs import configure
 from specbench.methods.base import DrafterBase
 from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, default_checkpoint_dir, parse_tree, resolve_head
 from specbench.models.eagle_head import checkpoint_sha256
@@ -48,8 +49,7 @@ from specbench.models.target import Target
 QUESTIONS = DATA_DIR / "spec_bench" / "question.jsonl"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logging.getLogger("specbench.suites.eagle2_cpu_search").info
 
 
 def mt_bench_prompts(target: Target, k: int) -> list[tuple[str, list[int]]]:
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/studies/eagle2_cpu_search.json")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
+    configure(timestamps=True)  # progress lines of a long search, on stderr
 
     torch.set_num_threads(args.threads)
     from specbench.models import load_model
@@ -149,10 +150,7 @@ def main(argv=None) -> int:
             "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
             "what": "EAGLE-2 (depth, total_tokens) search on CPU like HASS Table 9: tokens/s ratio vs vanilla, "
                     "same process, greedy, MT-bench turn 1",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+            **environment("cpu"), "device": "cpu", "dtype": "float32",
             "target": target.name, "weights_sha256": target.weights_sha256,
             "checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt),
             "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
@@ -197,7 +195,7 @@ def main(argv=None) -> int:
             f"speedup median={entry['speedup_median']:.3f} pooled={entry['speedup_pooled']:.3f} "
             f"cpu={entry['cpu_time_speedup_median']:.3f} draft {entry['draft_ms_per_step_median']:.1f} ms/step "
             f"verify {entry['verify_ms_per_step_median']:.1f} ms/step greedy_equal={entry['greedy_equal']}")
-        write_atomic(out_path, result)
+        write_json(out_path, result)
     done_trees = {(e["tree"], e["draft_vocab"]) for e in result.get("eagle_reference", [])}
     for tree in [t for t in args.eagle_trees.split(",") if t]:
         for dv in ints(args.draft_vocabs):
@@ -208,14 +206,14 @@ def main(argv=None) -> int:
                                args.max_new)}
             result.setdefault("eagle_reference", []).append(entry)
             log(f"EAGLE tree={tree} vocab={dv}: tau={entry['tau']:.2f} speedup median={entry['speedup_median']:.3f}")
-            write_atomic(out_path, result)
+            write_json(out_path, result)
     if result["settings"]:
         best = max(result["settings"], key=lambda s: s["speedup_median"])
         result["chosen"] = {k: best[k] for k in ("depth", "total_tokens", "top_k", "draft_vocab", "tau",
                                                  "speedup_median", "speedup_pooled")}
         log(f"chosen: {result['chosen']}")
     result["all_greedy_equal"] = all(s["greedy_equal"] for s in result["settings"] + result.get("eagle_reference", []))
-    write_atomic(out_path, result)
+    write_json(out_path, result)
     return 0
 
 

@@ -21,12 +21,12 @@ import statistics
 import sys
 import time
 import types
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
+from specbench.artifacts import environment, write_json
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from tree_cost import chain, forward_timer  # the same timed forward (run as `python suites/...`)
 
 KERNELS = ("linear", "x_wt", "w_xt")
@@ -149,18 +149,16 @@ def main(argv=None) -> int:
     result = {
         "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens with F.linear vs the per-(shape, rows) fastest matmul form",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **environment("cpu"),
         "command": "python suites/linear_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": target.name, "weights_sha256": target.weights_sha256, "dtype": "float32",
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "clock": "thread CPU time" if args.threads == 1 else "wall time", "loadavg_1min": os.getloadavg()[0],
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "context": args.context, "reps": args.reps, "tune_seconds": round(tune_s, 1),
         "plan_legend": "kernel per row count 1..max_rows: L = F.linear, T = x @ W.T (copy), W = (W @ x.T).T",
         "plan": {s: "".join(legend[r["kernel"]] for r in rs) for s, rs in plan.items()},
         "plan_timings": plan, "rows": rows,
     }
-    write_atomic(args.out, result)
+    write_json(args.out, result)
     for r in rows:
         print(f"n={r['n']:>3}  F.linear {r['F.linear_ms']:7.1f} ms (x{r['F.linear_ratio_to_its_n1']:.2f})  "
               f"tuned {r['tuned_ms']:7.1f} ms (x{r['tuned_ratio_to_its_n1']:.2f})  tuned/F.linear {r['tuned_vs_F.linear']:.2f}")

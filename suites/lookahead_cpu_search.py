@@ -27,19 +27,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
+import logging
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from specbench.artifacts import environment, write_json
 from specbench.bench.datasets import DATA_DIR
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from specbench.decoding import SamplingConfig, generate
+from specbench.logs import configure
 from specbench.methods.base import DrafterBase
 from specbench.methods.lookahead import LookaheadDrafter
 from specbench.models.target import Target
@@ -48,8 +48,7 @@ DEFAULT_QUESTIONS = str(DATA_DIR / "spec_bench" / "question.jsonl")
 SPEC_BENCH_DEFAULT = {"level": 5, "window": 7, "guess": 7}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logging.getLogger("specbench.suites.lookahead_cpu_search").info
 
 
 def load_target(spec: str) -> Target:
@@ -139,14 +138,14 @@ def search(target, prompts, grid, max_new, result, out_path, resume, metric):
         log(f"W={W} N={N} G={G}: tau={entry['tau']:.3f} speedup (wall) {entry['speedup_median']:.3f} "
             f"(cpu time) {entry['cpu_time_speedup_median']:.3f}; draft {entry['draft_ms_per_step_median']:.2f} "
             f"ms/step, verify {entry['verify_ms_per_step_median']:.0f} ms/step (wall)")
-        write_atomic(out_path, result)
+        write_json(out_path, result)
     measure_vanilla(target, prompts, max_new, result)  # again at the end: drift check, averaged in
     for entry in result["settings"]:
         score(entry, result)
     drift = [runs[-1]["cpu_s"] / runs[0]["cpu_s"] for runs in result["vanilla"].values()]
     result["vanilla_cpu_drift_end_over_start"] = drift
     log(f"vanilla cpu-time drift end/start per prompt: {[round(d, 3) for d in drift]}")
-    write_atomic(out_path, result)
+    write_json(out_path, result)
 
 
 def greedy_check(target, prompts, params, max_new):
@@ -188,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-search", action="store_true", help="only the greedy check (chosen setting from --out)")
     args = ap.parse_args(argv)
+    configure(timestamps=True)  # progress lines of a long search, on stderr
 
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
@@ -200,10 +200,7 @@ def main(argv=None) -> int:
         result = {"schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
                   "what": "Lookahead (W, N, G) search on CPU: tokens/s ratio vs vanilla, same process, greedy",
                   "command": "python suites/lookahead_cpu_search.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                  "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                  "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+                  **environment("cpu"), "device": "cpu", "dtype": "float32",
                   "target": target.name, "weights_sha256": target.weights_sha256,
                   "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
                   "max_new_tokens": args.max_new, "stop": "eos",
@@ -234,7 +231,7 @@ def main(argv=None) -> int:
                         "ranked_by": key, "tau": best["tau"], "speedup_median": best["speedup_median"],
                         "cpu_time_speedup_median": best["cpu_time_speedup_median"]}
     log(f"chosen: {result['chosen']}")
-    write_atomic(out_path, result)
+    write_json(out_path, result)
     if args.greedy_prompts:
         gprompts = mt_bench_prompts(target, args.questions, args.greedy_prompts)
         checks = result.get("greedy_check", []) if args.resume or args.skip_search else []
@@ -245,7 +242,7 @@ def main(argv=None) -> int:
                 continue  # already checked (--resume)
             checks.append(greedy_check(target, gprompts, params, args.greedy_max_new))
             result["greedy_check"] = checks
-            write_atomic(out_path, result)
+            write_json(out_path, result)
             log(f"greedy check {params}: {checks[-1]['equal']}/{checks[-1]['prompts']} equal, tau {checks[-1]['tau']:.3f}")
     return 0
 

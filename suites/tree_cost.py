@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Callable
 
 import torch
 
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION, cpu_name, write_atomic
+from specbench.artifacts import environment, write_json
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from specbench.decoding.tree import Proposal, Tree
 from specbench.models import load_model
 from specbench.models.target import Target
@@ -85,16 +84,13 @@ def main(argv=None) -> int:
     result = {
         "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens after a KV-cached context, relative to n = 1 (median over reps)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **environment("cpu"),
         "command": "python suites/tree_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": target.name, "weights_sha256": target.weights_sha256, "dtype": "float32", "device": "cpu",
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
-        "clock": "thread CPU time" if args.threads == 1 else "wall time",
-        "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+        "clock": "thread CPU time" if args.threads == 1 else "wall time", "loadavg_1min": os.getloadavg()[0],
         "context": args.context, "reps": args.reps, "rows": rows,
     }
-    write_atomic(args.out, result)
+    write_json(args.out, result)
     for r in rows:
         print(f"n={r['n']:>3} {r['shape']:<5} {r['ms_median']:8.1f} ms  x{r['ratio_to_n1']:.2f}")
     return 0

@@ -61,17 +61,12 @@ def _conversations(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tiny random Llama (vocab 64, 256 positions) with the character tokenizer."""
+    from dataclasses import replace
 
-    from specbench.models.loading import LoadedModel, state_dict_sha256
+    from specbench.models import tiny_llama
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return LoadedModel(model, _fake_tokenizer(), "tiny", state_dict_sha256(model), "random")
+    return replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
 
 
 @pytest.fixture()
@@ -233,7 +228,7 @@ def _head_and_loss(tiny, ce_fraction=1.0):
 def test_a_few_steps_reduce_the_loss(tiny, tiny_cache, tmp_path):
     head, loss_fn = _head_and_loss(tiny)
     cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=4, noise="none", warmup_steps=2, save_every=1000)
-    res = train_loop(head, tiny_cache, loss_fn, cfg, tmp_path / "w", progress=False, log=lambda m: None)
+    res = train_loop(head, tiny_cache, loss_fn, cfg, tmp_path / "w", progress=False)
     assert res.finished and res.step == 32
     rows = [json.loads(x) for x in (tmp_path / "w" / "loss_log.jsonl").read_text().splitlines()]
     assert len(rows) == 32
@@ -248,16 +243,15 @@ def test_resume_after_interruption_is_identical(tiny, tiny_cache, tmp_path):
     cfg = dict(epochs=2, lr=1e-3, batch_size=3, noise="uniform", warmup_steps=1, save_every=2)
     # uninterrupted
     head_a, fn_a = _head_and_loss(tiny, ce_fraction=0.5)
-    train_loop(head_a, tiny_cache, fn_a, TrainConfig(**cfg), tmp_path / "a", progress=False, log=lambda m: None)
+    train_loop(head_a, tiny_cache, fn_a, TrainConfig(**cfg), tmp_path / "a", progress=False)
     # interrupted after step 5 (last checkpoint at step 4 + the stop save at 5), then resumed by a fresh process
     head_b, fn_b = _head_and_loss(tiny, ce_fraction=0.5)
-    r1 = train_loop(head_b, tiny_cache, fn_b, TrainConfig(**cfg, max_steps=5), tmp_path / "b", progress=False,
-                    log=lambda m: None)
+    r1 = train_loop(head_b, tiny_cache, fn_b, TrainConfig(**cfg, max_steps=5), tmp_path / "b", progress=False)
     assert r1.step == 5 and not r1.finished
     st = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
     assert st["step"] == 5
     head_c, fn_c = _head_and_loss(tiny, ce_fraction=0.5)
-    r2 = train_loop(head_c, tiny_cache, fn_c, TrainConfig(**cfg), tmp_path / "b", progress=False, log=lambda m: None)
+    r2 = train_loop(head_c, tiny_cache, fn_c, TrainConfig(**cfg), tmp_path / "b", progress=False)
     assert r2.resumed_from == 5 and r2.finished and r2.step == 12
     for k, v in head_a.trainable_state_dict().items():
         torch.testing.assert_close(head_c.trainable_state_dict()[k], v, rtol=0, atol=0)

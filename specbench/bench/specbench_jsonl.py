@@ -39,6 +39,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from ..artifacts import write_text
 from ..errors import SpecbenchError
 from ..methods import catalogue
 from . import metrics, results
@@ -344,20 +345,8 @@ def from_results(doc: dict, tokenizer=None) -> tuple[list[dict], list[dict]]:
 
 def write_answers(path: Path, answers: list[dict]) -> None:
     """Write answer lines atomically, sorted by question id (Spec-Bench's reorg_answer_file order)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for a in sorted(answers, key=lambda a: (str(type(a["question_id"])), a["question_id"])):
-                f.write(json.dumps(a) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    ordered = sorted(answers, key=lambda a: (str(type(a["question_id"])), a["question_id"]))
+    write_text(path, "".join(json.dumps(a) + "\n" for a in ordered))
 
 
 def export_runs(paths: list[str], out_dir: Path, tokenizer=None) -> list[Path]:

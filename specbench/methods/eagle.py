@@ -190,7 +190,7 @@ class _HeadDrafter(DrafterBase):
         f = Path(src) / DRAFT_VOCAB_FILE if src else None
         if self.draft_vocab <= 0 or f is None or not f.is_file():
             return None
-        from ..models.registry import sha256_file
+        from ..artifacts import sha256_file
 
         return sha256_file(f)
 

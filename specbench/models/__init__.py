@@ -3,6 +3,7 @@
 `Target` (the decode-time wrapper: KV cache, tree forward, commit) lives in `specbench.models.target`.
 """
 
+from ..artifacts import sha256_file
 from .loading import (
     LoadedModel,
     load_model,
@@ -20,7 +21,6 @@ from .registry import (
     cache_dir,
     canonical_name,
     fetch_embedded,
-    sha256_file,
 )
 
 __all__ = [

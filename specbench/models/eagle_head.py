@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..artifacts import atomic_path, sha256_file, write_text
 from ..errors import SpecbenchError
 from .hf_compat import cache_kwargs
 
@@ -290,8 +290,6 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """sha256 of the checkpoint's weight file (what results files record as the draft hash)."""
-    from .registry import sha256_file
-
     return sha256_file(_weights_file(Path(path)))
 
 
@@ -402,19 +400,9 @@ def save_eagle_checkpoint(head: EagleHead, path: str | os.PathLike, extra_config
         cfg.update(extra_config)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in head.trainable_state_dict().items()}
     cfg_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    umask = os.umask(0)
-    os.umask(umask)
-    for name, write in (("model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"})),
-                        ("config.json", lambda p: Path(p).write_text(cfg_text))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=d)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual permissions
-            os.replace(tmp, d / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with atomic_path(d / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    write_text(d / "config.json", cfg_text)
     stale = d / "pytorch_model.bin"
     if stale.exists():
         stale.unlink()  # model.safetensors is now the one weight file

@@ -10,29 +10,20 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .registry import (
-    EMBEDDED,
-    EmbeddedModel,
-    ModelError,
-    cache_dir,
-    fetch_embedded,
-    sha256_file,
-    stamped_sha256,
-    write_stamp,
-)
+from ..artifacts import sha256_bytes, sha256_file, sha256_files, stamped_sha256, utc_now, write_stamp
+from .registry import EMBEDDED, EmbeddedModel, ModelError, cache_dir, fetch_embedded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,8 +43,7 @@ class LoadedModel:
     source: str  # "embedded" | "local" | "hf-cache" | "random"
 
 
-def _log(msg: str) -> None:
-    print(f"specbench: {msg}", file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__).info
 
 
 # ---------------------------------------------------------------- device / dtype
@@ -139,7 +129,7 @@ def _file_sha256(path: Path, cache: Path) -> str:
         stamps.mkdir(parents=True, exist_ok=True)
     except OSError:
         return sha256_file(real)
-    key = hashlib.sha256(str(real).encode()).hexdigest()[:32]
+    key = sha256_bytes(str(real).encode())[:32]
     return stamped_sha256(real, stamps / f"{key}.json")
 
 
@@ -154,10 +144,7 @@ def weights_sha256_of_dir(d: str | Path, cache: Path | None = None) -> str:
     files = _weight_files(d)
     if not files:
         raise ModelError(f"no weight files (*.safetensors, pytorch_model*.bin) in {d}")
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        h.update(f"{_file_sha256(f, cache)}  {f.name}\n".encode())
-    return h.hexdigest()
+    return sha256_files(files, lambda f: _file_sha256(f, cache))
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -328,7 +315,7 @@ def _convert_embedded(m: EmbeddedModel, root: Path, cache: Path) -> None:
             "dtype": "float32",
             "transformers": transformers.__version__,
             "torch": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _share_modes(tmp)

