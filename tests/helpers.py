@@ -1,4 +1,4 @@
-"""Shared machinery of the losslessness tests: the statistical check and the verifier harness.
+"""Shared machinery of the tests: the statistical check, the verifier harness and the tiny target.
 
 The check (`chi_square_check`, `check_emitted`, `check_case`) is imported by both the
 property tests (tests/test_verify.py) and the mutation tests (tests/test_verify_mutations.py),
@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -28,6 +29,9 @@ from scipy.stats import chi2
 
 from specbench.decoding.sampling import SamplingConfig, make_generator, probs
 from specbench.decoding.tree import Proposal, Tree
+
+if TYPE_CHECKING:
+    from specbench.models.target import Target
 
 # The module whose primitives the mutation tests monkeypatch.
 verify_module = importlib.import_module("specbench.decoding.verify")
@@ -45,16 +49,15 @@ MISMATCH = "distribution mismatch"
 OK = "ok"
 
 
+# --------------------------------------------------------------------------- tiny targets
 
-@pytest.fixture(scope="module", autouse=False)
-def single_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on a busy 2-core machine
-    (OpenMP threads spin against each other).  Import this fixture into a test module with
-    `from helpers import single_thread` plus `pytestmark = pytest.mark.usefixtures("single_thread")`."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def tiny_target(seed: int = 0, name: str = "tiny", **sizes) -> Target:
+    """A tiny random Llama target: `specbench.models.tiny_llama` (vocab 64, hidden 32, 2 layers unless
+    `sizes` say otherwise), deterministic in `seed`, the global RNG untouched."""
+    from specbench.models import tiny_llama  # transformers: only for the modules that decode
+    from specbench.models.target import Target
+
+    return Target(tiny_llama(seed=seed, **sizes).model, name=name)
 
 
 # --------------------------------------------------------------------------- the check

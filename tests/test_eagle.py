@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import check_emitted, single_thread  # noqa: F401 - fixture
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import check_emitted, tiny_target
+from transformers import LlamaConfig
 
 from specbench.decoding import generate
 from specbench.decoding.sampling import SamplingConfig, make_generator
@@ -28,20 +28,6 @@ V, H = 64, 32
 PROMPT = [3, 17, 5, 9, 22, 41]
 
 
-def tiny_config(**kw) -> LlamaConfig:
-    base = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, max_position_embeddings=512, initializer_range=0.5)
-    base.update(kw)
-    return LlamaConfig(**base)
-
-
-def make_target(seed: int = 0) -> Target:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config()).eval()
-    model.requires_grad_(False)
-    return Target(model, name="tiny")
-
-
 def make_head(target: Target, seed: int = 1, fc_bias: bool = True) -> EagleHead:
     torch.manual_seed(seed)
     head = EagleHead.for_target(target, fc_bias=fc_bias).eval()
@@ -58,7 +44,7 @@ def bigram_target_and_perfect_head(sharpness: float = 1.0) -> tuple[Target, Eagl
     predicts it exactly: the head's distribution at every draft depth is the target's own.  `sharpness`
     scales the LM head (large: near-deterministic next tokens, so the greedy path also has the best
     cumulative draft score and EAGLE-2 keeps it whole)."""
-    target = make_target(seed=3)
+    target = tiny_target(seed=3)
     m = target.model
     with torch.no_grad():
         for layer in m.model.layers:  # zero every residual branch: hidden = embedding
@@ -77,11 +63,6 @@ def bigram_target_and_perfect_head(sharpness: float = 1.0) -> tuple[Target, Eagl
         head.layers[0].mlp.down_proj.weight.zero_()
     head.requires_grad_(False)
     return target, head
-
-
-@pytest.fixture(scope="module")
-def target() -> Target:
-    return make_target()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +158,7 @@ def test_head_cache_and_masks_match_full_forward(head):
 
 
 def test_head_gradients_reach_only_draft_weights():
-    target = make_target()
+    target = tiny_target()
     target.model.requires_grad_(True)  # even with a trainable target, the head must not touch its weights
     head = EagleHead.for_target(target).train()
     ids, feats = torch.randint(0, V, (1, 6)), torch.randn(1, 6, H)
@@ -269,7 +250,7 @@ def test_strict_shape_mismatch(tmp_path, target, head):
 
 
 def test_embedding_copy_of_another_target_is_refused(tmp_path, target, head):
-    other = make_target(seed=11)
+    other = tiny_target(seed=11)
 
     def swap(sd):
         sd["embed_tokens.weight"] = other.model.get_input_embeddings().weight.clone()
@@ -587,7 +568,7 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
     d.begin([1], target.prefill([]))
     assert d._vocab_ids.tolist() == [63, 62, 61, 60, 1]
-    from specbench.models.registry import sha256_file
+    from specbench.artifacts import sha256_file
 
     assert d.draft_vocab_sha256 == sha256_file(tmp_path / "ck" / "draft_vocab.json")  # recorded in results
     full = EAGLE2.drafter(target, SamplingConfig(), None, **EAGLE2.params({"checkpoint": str(tmp_path / "ck")}))
@@ -596,7 +577,7 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
 
 def test_eager_and_sdpa_heads_agree(target, head):
     """Without a mask the head is causal under both attention implementations (eager has no is_causal)."""
-    eager = EagleHead(tiny_config(attn_implementation="eager"), target.model.get_input_embeddings(), target.head)
+    eager = EagleHead(LlamaConfig.from_dict({**target.config.to_dict(), "attn_implementation": "eager"}), target.model.get_input_embeddings(), target.head)
     assert eager.config._attn_implementation == "eager"
     eager.load_state_dict(head.state_dict())
     assert torch.allclose(head_out(eager), head_out(head), atol=1e-5)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
 from specbench.errors import UsageError
@@ -21,25 +20,9 @@ from specbench.methods.base import DrafterBase
 from specbench.methods.lookahead import METHOD, LookaheadDrafter, NGramPool, window_mask, window_positions
 from specbench.models.target import Target
 
-V = 64
+V = 64  # the vocabulary of the conftest `target`
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are far faster on one thread (and immune to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def target() -> Target:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                      initializer_range=0.5)
-    return Target(LlamaForCausalLM(cfg).eval(), name="tiny")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PROMPTS = [

@@ -24,7 +24,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import DEVICES, check_emitted, chi_square_check, single_thread  # noqa: F401
+from helpers import DEVICES, check_emitted, chi_square_check
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
 from specbench.errors import SpecbenchError
 from specbench.methods import DrafterBase, available_methods, get_method
@@ -40,30 +40,10 @@ TIE_GAP = 1e-4  # top-2 logit gap below which a greedy divergence counts as a nu
 
 # --------------------------------------------------------------------------- model
 
-def _tiny_model(seed: int = 0):
-    try:
-        from specbench.models import tiny_llama
-    except ImportError:
-        tiny_llama = None
-    if tiny_llama is not None:
-        return tiny_llama(vocab_size=VOCAB, seed=seed).model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                      initializer_range=0.5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg).float().eval()
-
-
 @pytest.fixture(scope="module")
-def model():
-    return _tiny_model(0)
-
-
-@pytest.fixture(scope="module")
-def target(model):
-    return Target(model, name="tiny-llama-test")
+def model(target):
+    """The conftest `target`'s model (vocab VOCAB)."""
+    return target.model
 
 
 @torch.inference_mode()

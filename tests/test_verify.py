@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICES, KINDS, Case, check_case, explicit_table, random_table, run_verifier, single_thread  # noqa: F401
+from helpers import DEVICES, KINDS, Case, check_case, explicit_table, random_table, run_verifier
 from specbench.decoding.sampling import SamplingConfig
 from specbench.decoding.tree import Proposal, Tree
 from specbench.decoding.verify import verify_greedy

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICES, MISMATCH, Case, check_case, explicit_table, run_verifier, single_thread  # noqa: F401
+from helpers import DEVICES, MISMATCH, Case, check_case, explicit_table, run_verifier
 from helpers import verify_module as vm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
