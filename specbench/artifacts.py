@@ -21,9 +21,10 @@ import os
 import platform
 import secrets
 import subprocess
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = [
     "atomic_path",
@@ -164,6 +165,12 @@ def git_commit() -> str | None:
     None outside a git checkout (an installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
+        # An installed copy may sit inside some other repository (a venv in a user's project): only a
+        # repository whose top level is this package's parent is specbench's own checkout.
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        if not top or Path(top).resolve() != root:
+            return None
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
