@@ -44,7 +44,8 @@ def cmd_run(args) -> int:
     for name in dict.fromkeys(["vanilla", args.method, "hf_generate"]):
         if name in s:
             m = s[name]
-            rows.append([name, m["tau"], m["tau_macro"], m["tokens_per_s"], m.get("speedup", 1.0 if name == "vanilla" else None),
+            rows.append([name, m["tau"], m["tau_macro"], m["tokens_per_s"],
+                         m.get("speedup", 1.0 if name == "vanilla" else None),
                          m.get("speedup_vs_hf_generate"), m["draft_fraction"], m["new_tokens"], m["steps"]])
     print(tabulate(rows, headers=["run", "tau", "tau_macro", "tokens/s", "speedup", "vs HF generate", "draft frac",
                                   "new tokens", "steps"], floatfmt=".3f", missingval="-"))
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results file (default runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json, "
                                  "a name unique to the settings)")
     r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")
-    r.add_argument("--hf-generate", action="store_true", help="also time transformers' generate() as a second denominator")
+    r.add_argument("--hf-generate", action="store_true",
+                   help="also time transformers' generate() as a second denominator")
     r.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: steady timings, and no oversubscription on a busy "
                         "machine; 0 = torch's default, one per core)")

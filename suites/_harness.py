@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from specbench.artifacts import write_json
 from specbench.bench import compare as C
-from specbench.bench import results as R
 from specbench.bench.baselines import DEFAULT_ROOT, BaselineRow, judge, load_baselines
 from specbench.methods import catalogue
 
@@ -266,7 +266,7 @@ class SuiteContext:
         if key in self._runs:
             entry = self._runs[key]
             entry["doc"]["suite"]["cases"].append(nodeid)
-            R.write_atomic(entry["path"], entry["doc"])
+            write_json(entry["path"], entry["doc"])
             return dict(entry, reused=True)
         runner = self.runner(spec)
         cfg = RunConfig(method=method, dataset=dataset, target=spec, params=params, limit=prof["limit"],
@@ -278,7 +278,7 @@ class SuiteContext:
         wall = time.perf_counter() - t0
         doc["suite"] = {"mode": case.mode, "profile": case.profile, "paper_target": case.target if case.mode == "paper"
                         else None, "cases": [nodeid], "command": self.command, "decode_wall_s": wall}
-        R.write_atomic(out, doc)
+        write_json(out, doc)
         entry = {"doc": doc, "path": out, "wall_s": wall, "reused": False}
         self._runs[key] = entry
         return entry
@@ -375,12 +375,14 @@ def run_case(ctx: SuiteContext, case: Case, benchmark, request) -> None:
             if case.mode == "paper" and not any(r.metric == cell.metric for r in case.rows):
                 continue
             checks.append((cell.metric, cell.value, cell.ref.value if cell.ref else None, cell.verdict,
-                           cell.reason, cell.ref.source if cell.ref else None, cell.ref.tolerance_rel if cell.ref else None))
+                           cell.reason, cell.ref.source if cell.ref else None,
+                           cell.ref.tolerance_rel if cell.ref else None))
         if case.temperature == 0:
-            problems += [f"greedy output differs from vanilla (not a numerical tie): {p}" for p in _lossless_problems(entries[0]["doc"])]
+            problems += [f"greedy output differs from vanilla (not a numerical tie): {p}"
+                         for p in _lossless_problems(entries[0]["doc"])]
     info["checks"] = [{"metric": m, "value": v, "reference": ref, "verdict": verdict, "reason": why, "source": src}
                       for m, v, ref, verdict, why, src, _ in checks]
-    for m, v, ref, verdict, why, src, tol in checks:
+    for m, v, ref, verdict, _why, src, tol in checks:
         if verdict in ("regress", "improve"):
             hint = ("" if case.mode == "paper" else
                     " (if the change is intended, re-record the reference: see docs/harness.md)")

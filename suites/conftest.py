@@ -23,7 +23,8 @@ def pytest_addoption(parser):
     g.addoption("--suite-max-new-tokens", type=int, metavar="N",
                 help="new tokens per prompt, for every profile (env SPECBENCH_SUITE_MAX_NEW_TOKENS)")
     g.addoption("--suite-device", metavar="DEV", help="auto | cpu | cuda[:N] (env SPECBENCH_SUITE_DEVICE)")
-    g.addoption("--suite-dtype", metavar="DTYPE", help="auto | float32 | bfloat16 | float16 (env SPECBENCH_SUITE_DTYPE)")
+    g.addoption("--suite-dtype", metavar="DTYPE",
+                help="auto | float32 | bfloat16 | float16 (env SPECBENCH_SUITE_DTYPE)")
 
 
 def pytest_configure(config):

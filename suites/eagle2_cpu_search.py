@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
             continue
         entry = {"depth": depth, "total_tokens": total, "top_k": k, "draft_vocab": dv,
                  "loadavg_1min": os.getloadavg()[0],
-                 **measure(target, lambda: Eagle2Drafter(head, depth, k, total, draft_vocab=dv), prompts, args.max_new)}
+                 **measure(target, partial(Eagle2Drafter, head, depth, k, total, draft_vocab=dv), prompts,
+                            args.max_new)}
         result["settings"].append(entry)
         log(f"depth={depth} total={total} top_k={k} vocab={dv}: tau={entry['tau']:.2f} "
             f"speedup median={entry['speedup_median']:.3f} pooled={entry['speedup_pooled']:.3f} "
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
             if (tree, dv) in done_trees:
                 continue
             entry = {"tree": tree, "draft_vocab": dv, "loadavg_1min": os.getloadavg()[0],
-                     **measure(target, lambda: EagleDrafter(head, parse_tree(tree), draft_vocab=dv), prompts,
+                     **measure(target, partial(EagleDrafter, head, parse_tree(tree), draft_vocab=dv), prompts,
                                args.max_new)}
             result.setdefault("eagle_reference", []).append(entry)
             log(f"EAGLE tree={tree} vocab={dv}: tau={entry['tau']:.2f} speedup median={entry['speedup_median']:.3f}")

@@ -24,10 +24,10 @@ import types
 
 import torch
 import torch.nn.functional as F
+from tree_cost import chain, forward_timer  # the same timed forward (run as `python suites/...`)
 
 from specbench.artifacts import environment, write_json
 from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
-from tree_cost import chain, forward_timer  # the same timed forward (run as `python suites/...`)
 
 KERNELS = ("linear", "x_wt", "w_xt")
 
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     write_json(args.out, result)
     for r in rows:
         print(f"n={r['n']:>3}  F.linear {r['F.linear_ms']:7.1f} ms (x{r['F.linear_ratio_to_its_n1']:.2f})  "
-              f"tuned {r['tuned_ms']:7.1f} ms (x{r['tuned_ratio_to_its_n1']:.2f})  tuned/F.linear {r['tuned_vs_F.linear']:.2f}")
+              f"tuned {r['tuned_ms']:7.1f} ms (x{r['tuned_ratio_to_its_n1']:.2f})  "
+              f"tuned/F.linear {r['tuned_vs_F.linear']:.2f}")
     return 0
 
 

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     else:
         result = {"schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
                   "what": "Lookahead (W, N, G) search on CPU: tokens/s ratio vs vanilla, same process, greedy",
-                  "command": "python suites/lookahead_cpu_search.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "command": ("python suites/lookahead_cpu_search.py "
+                              + " ".join(sys.argv[1:] if argv is None else argv)),
                   **environment("cpu"), "device": "cpu", "dtype": "float32",
                   "target": target.name, "weights_sha256": target.weights_sha256,
                   "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
@@ -243,7 +244,8 @@ def main(argv=None) -> int:
             checks.append(greedy_check(target, gprompts, params, args.greedy_max_new))
             result["greedy_check"] = checks
             write_json(out_path, result)
-            log(f"greedy check {params}: {checks[-1]['equal']}/{checks[-1]['prompts']} equal, tau {checks[-1]['tau']:.3f}")
+            log(f"greedy check {params}: {checks[-1]['equal']}/{checks[-1]['prompts']} equal, "
+                f"tau {checks[-1]['tau']:.3f}")
     return 0
 
 

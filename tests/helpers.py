@@ -70,7 +70,7 @@ class CheckResult:
     dof: int
     n: int
     detail: str = ""
-    parts: list["CheckResult"] = field(default_factory=list)
+    parts: list[CheckResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

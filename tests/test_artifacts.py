@@ -14,7 +14,6 @@ import pytest
 from specbench import artifacts as A
 from specbench import logs
 
-
 # ---------------------------------------------------------------- durable writes
 
 

@@ -587,7 +587,8 @@ def test_specbench_jsonl_round_trip(tmp_path, capsys):
 
 def test_specbench_foreign_answers_speed_py_conventions(tmp_path):
     def ans(qid, cat, new, wall, acc):
-        return {"question_id": qid, "category": cat, "answer_id": "x", "model_id": "vicuna-7b-v1.3-eagle-float16-temperature-0.0",
+        return {"question_id": qid, "category": cat, "answer_id": "x",
+                "model_id": "vicuna-7b-v1.3-eagle-float16-temperature-0.0",
                 "choices": [{"index": 0, "turns": ["a", "b"], "idxs": [len(acc) - 1, 0], "new_tokens": new,
                              "wall_time": wall, "accept_lengths": acc}], "tstamp": 0.0}
 
@@ -597,7 +598,8 @@ def test_specbench_foreign_answers_speed_py_conventions(tmp_path):
         ans(81, "writing", [6, 4], [1.0, 1.0], [3, 3, 2, 2]),
         ans(241, "summarization", [4, 0], [1.0, 0.0], [1, 3])]) + "\n")
     b.write_text("\n".join(json.dumps(dict(x, model_id="vicuna-7b-v1.3-vanilla-float16-temp-0.0")) for x in [
-        ans(81, "writing", [6, 4], [2.0, 2.0], [1] * 10), ans(241, "summarization", [4, 0], [4.0, 0.0], [1] * 4)]) + "\n")
+        ans(81, "writing", [6, 4], [2.0, 2.0], [1] * 10),
+        ans(241, "summarization", [4, 0], [4.0, 0.0], [1] * 4)]) + "\n")
     assert SB.parse_model_id("vicuna-7b-v1.3-eagle-float16-temperature-0.0") == {
         "target": "vicuna-7b-v1.3", "method": "eagle", "temperature": 0.0, "dtype": "float16"}
     assert SB.parse_model_id("vicuna-7b-v1.3-lade-level-5-win-7-guess-7-float16")["method"] == "lookahead"
@@ -615,7 +617,8 @@ def test_specbench_foreign_answers_speed_py_conventions(tmp_path):
 
 def test_specbench_truncated_jsonl(tmp_path, capsys):
     f = tmp_path / "x.jsonl"
-    f.write_text('{"question_id": 1, "choices": [{"turns": [], "new_tokens": [], "wall_time": []}]}\n{"question_id": 2, "cho')
+    f.write_text('{"question_id": 1, "choices": [{"turns": [], "new_tokens": [], "wall_time": []}]}\n'
+                 '{"question_id": 2, "cho')
     rc, _, err = run_cli([str(f)], capsys)
     assert rc == 2 and "line 2 is not valid JSON" in err
 

@@ -15,11 +15,9 @@ from specbench.decoding.tree import Tree
 from specbench.decoding.verify import Verdict, verify_tree_deterministic
 from specbench.errors import UsageError
 from specbench.methods.base import get_method
-from specbench.methods.eagle import (EAGLE, EAGLE2, MC_SIM_7B_63, Eagle2Drafter, EagleDrafter, parse_tree,
-                                     resolve_head)
+from specbench.methods.eagle import EAGLE, EAGLE2, MC_SIM_7B_63, Eagle2Drafter, EagleDrafter, parse_tree, resolve_head
 from specbench.methods.vanilla import METHOD as VANILLA
-from specbench.models.eagle_head import (CheckpointError, EagleHead, load_eagle_checkpoint,
-                                         save_eagle_checkpoint)
+from specbench.models.eagle_head import CheckpointError, EagleHead, load_eagle_checkpoint, save_eagle_checkpoint
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -577,7 +575,8 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
 
 def test_eager_and_sdpa_heads_agree(target, head):
     """Without a mask the head is causal under both attention implementations (eager has no is_causal)."""
-    eager = EagleHead(LlamaConfig.from_dict({**target.config.to_dict(), "attn_implementation": "eager"}), target.model.get_input_embeddings(), target.head)
+    eager = EagleHead(LlamaConfig.from_dict({**target.config.to_dict(), "attn_implementation": "eager"}),
+                      target.model.get_input_embeddings(), target.head)
     assert eager.config._attn_implementation == "eager"
     eager.load_state_dict(head.state_dict())
     assert torch.allclose(head_out(eager), head_out(head), atol=1e-5)

@@ -23,8 +23,8 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import DEVICES, check_emitted, chi_square_check
+
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
 from specbench.errors import SpecbenchError
 from specbench.methods import DrafterBase, available_methods, get_method
@@ -168,7 +168,8 @@ def assert_same_or_tie(model, prompt: list[int], ref: list[int], got: list[int],
     gap = float(top2[0] - top2[1])
     assert gap < TIE_GAP, (f"{what}: token {i} is {got[i]}, vanilla greedy has {ref[i]}; top-2 logit gap {gap:.3g} "
                            f"is no tie\n  vanilla {ref}\n  method  {got}")
-    warnings.warn(f"{what}: numerical tie at token {i} (top-2 logit gap {gap:.2g}); tokens after it not compared")
+    warnings.warn(f"{what}: numerical tie at token {i} (top-2 logit gap {gap:.2g}); tokens after it not compared",
+                  stacklevel=2)
 
 
 def test_vanilla_loop_equals_uncached_argmax(model, prompts, vanilla_greedy):
@@ -393,7 +394,7 @@ def test_forward_tree_matches_sequential_and_commit(shape, device, model):
             seq = context + [tree.tokens[0]] + [tree.tokens[i] for i in tree.path_to(node)]
             ref = next_logits(model, [seq])[0]
             torch.testing.assert_close(out.logits[node].cpu(), ref, atol=1e-4, rtol=0,
-                                       msg=lambda m: f"node {node} path {tree.path_to(node)}: {m}")
+                                       msg=lambda m, node=node: f"node {node} path {tree.path_to(node)}: {m}")
 
         # commit a path that is not a prefix of the node order (non-contiguous KV rows)
         leaf = max(range(len(tree)), key=lambda i: (tree.depth[i], i))

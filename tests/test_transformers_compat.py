@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaModel
 
 from specbench.decoding import SamplingConfig, Tree, generate
 from specbench.decoding.tree import Proposal
@@ -28,7 +29,6 @@ from specbench.models.eagle_head import EagleHead
 from specbench.models.hf_compat import cache_kwargs
 from specbench.models.target import Target
 from specbench.training.features import target_hidden_states
-from transformers.models.llama.modeling_llama import LlamaModel
 
 try:  # the single_thread fixture: tests/conftest.py provides it; older layouts export it from helpers.py
     from helpers import single_thread  # noqa: F401

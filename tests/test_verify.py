@@ -16,10 +16,10 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICES, KINDS, Case, check_case, explicit_table, random_table, run_verifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICES, KINDS, Case, check_case, explicit_table, random_table, run_verifier
 from specbench.decoding.sampling import SamplingConfig
 from specbench.decoding.tree import Proposal, Tree
 from specbench.decoding.verify import verify_greedy
@@ -185,14 +185,17 @@ EXPLICIT = {
     "det-duplicates": Case("det", [0, 0, 0, 0], explicit_table([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]]),
                            tokens=[0, 0, 1, 0]),
     # siblings whose tokens have target probability 0, and a zero-probability cell in the joint
-    "det-zero-siblings": Case("det", [0, 0, 1], explicit_table([[0.0, 0.6, 0.4], [[1, 0, 0], [0, 0.5, 0.5], [0.2, 0.8, 0]],
+    "det-zero-siblings": Case("det", [0, 0, 1], explicit_table([[0.0, 0.6, 0.4],
+                                                                  [[1, 0, 0], [0, 0.5, 0.5], [0.2, 0.8, 0]],
                                                                   [0.3, 0.3, 0.4]]),
                               tokens=[0, 1, 2]),
     # the draft puts mass where the target has none and vice versa
-    "chain-disjoint-support": Case("chain", [0, 1], explicit_table([[0.5, 0.5, 0, 0], [0.25] * 4, [0.1, 0.2, 0.3, 0.4]]),
+    "chain-disjoint-support": Case("chain", [0, 1], explicit_table([[0.5, 0.5, 0, 0], [0.25] * 4,
+                                                                    [0.1, 0.2, 0.3, 0.4]]),
                                    Q=explicit_table([[0, 0.5, 0.5, 0], [0, 0, 0.5, 0.5]])),
     # four i.i.d. siblings from a draft far from the target, each with a child
-    "sampled-wide": Case("sampled", [0, 0, 0, 0, 1, 2], explicit_table([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]]),
+    "sampled-wide": Case("sampled", [0, 0, 0, 0, 1, 2],
+                         explicit_table([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]]),
                          Q=explicit_table([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])),
 }
 
@@ -251,7 +254,7 @@ def greedy_cases(draw):
     logits = [[float(draw(st.integers(-3, 3))) for _ in range(V)] for _ in range(n)]
     # draft tokens biased towards the parent's argmax so that long accepted paths occur
     tokens = [draw(st.integers(0, V - 1))]
-    for j, par in enumerate(parents):
+    for par in parents:
         row = logits[par]
         tokens.append(row.index(max(row)) if draw(st.booleans()) else draw(st.integers(0, V - 1)))
     return logits, tokens, parents

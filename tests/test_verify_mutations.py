@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import DEVICES, MISMATCH, Case, check_case, explicit_table, run_verifier
 from helpers import verify_module as vm
 

@@ -7,11 +7,11 @@ These prompts are for evaluation only; no training code reads them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import sha256_bytes
 from ..errors import UsageError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -28,7 +28,8 @@ class EvalSet:
 
 
 DATASETS: dict[str, EvalSet] = {s.name: s for s in [
-    EvalSet("mt_bench", _SPEC_BENCH, tuple(_MT_BENCH_CATEGORIES), "MT-bench, 80 two-turn questions (Spec-Bench ids 81-160)"),
+    EvalSet("mt_bench", _SPEC_BENCH, tuple(_MT_BENCH_CATEGORIES),
+            "MT-bench, 80 two-turn questions (Spec-Bench ids 81-160)"),
     EvalSet("translation", _SPEC_BENCH, ("translation",), "Spec-Bench translation (WMT14 DE-EN), 80"),
     EvalSet("summarization", _SPEC_BENCH, ("summarization",), "Spec-Bench summarization (CNN/DM), 80"),
     EvalSet("qa", _SPEC_BENCH, ("qa",), "Spec-Bench question answering (Natural Questions), 80"),
@@ -77,7 +78,7 @@ def read_prompt_file(spec: str) -> tuple[PromptFile, list[Prompt]]:
         data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"--dataset {spec}: cannot read the prompt file ({e.strerror})") from None
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_bytes(data)
     pf = PromptFile(f"{path.stem}@{sha[:8]}", path, sha)
     try:
         text = data.decode("utf-8")

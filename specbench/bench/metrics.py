@@ -45,7 +45,8 @@ def summarize(records: list[dict]) -> dict:
     tau = tokens / steps if steps else 0.0
     return {
         "samples": len(records), "new_tokens": tokens, "steps": steps,
-        "tau": tau, "tau_macro": statistics.fmean(per_sample) if per_sample else 0.0, "mean_accepted": tau - 1 if steps else 0.0,
+        "tau": tau, "tau_macro": statistics.fmean(per_sample) if per_sample else 0.0,
+        "mean_accepted": tau - 1 if steps else 0.0,
         "alpha_k": [a / r if r else None for a, r in zip(accepted, reached)], "reached_k": reached,
         "tokens_per_s": tokens / wall if wall else 0.0, "wall_s": wall, "draft_s": draft, "verify_s": verify,
         "draft_fraction": draft / (draft + verify) if draft + verify else 0.0,

@@ -1,13 +1,11 @@
-"""Results files: versioned JSON with the full environment fingerprint (`environment`), written atomically
-(`write_atomic`; both from specbench.artifacts)."""
+"""Results files: versioned JSON carrying the environment fingerprint (`specbench.artifacts.environment`),
+written atomically (`specbench.artifacts.write_json`); this module holds their kinds and their validation."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..artifacts import environment  # noqa: F401 - the fingerprint every results file carries
-from ..artifacts import write_json as write_atomic  # noqa: F401 - how results files are written
 from ..errors import SpecbenchError
 
 SCHEMA_VERSION = 1

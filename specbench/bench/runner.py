@@ -8,7 +8,6 @@ atomically after every prompt; a stopped run resumes from the prompts it finishe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import resource
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..artifacts import environment, sha256_bytes, write_json
 from ..decoding import SamplingConfig, generate, make_generator
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
@@ -173,7 +173,7 @@ def default_out(plan: Plan) -> Path:
     cfg = plan.cfg
     identity = {"settings": {k: v for k, v in plan.settings.items() if k != "prompt_ids"},
                 "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())[:6]
     dataset = plan.settings["dataset"].replace("/", "_")
     n = cfg.limit if cfg.limit is not None else "all"
     return Path("runs") / f"{cfg.method}-{dataset}-t{cfg.temperature:g}-n{n}-{cfg.max_new_tokens}new-{digest}.json"
@@ -242,10 +242,10 @@ class Runner:
                 doc["samples"] += self._run_prompt(index, prompt, drafter, vanilla, sampling, cfg, on_decode)
                 self._finish(doc, cfg)
                 if out:
-                    results.write_atomic(out, doc)
+                    write_json(out, doc)
         self._finish(doc, cfg)
         if out:
-            results.write_atomic(out, doc)
+            write_json(out, doc)
         return doc
 
     def _check_context(self, prompt, max_new: int) -> None:
@@ -298,7 +298,8 @@ class Runner:
                 answer = tok.decode(gen.tokens, skip_special_tokens=True)
                 history[role] = messages + [{"role": "assistant", "content": answer}]
             if cfg.hf_generate:
-                sample["runs"]["hf_generate"] = self._hf_generate(_chat_ids(tok, history["vanilla"][:-1]), sampling, cfg)
+                sample["runs"]["hf_generate"] = self._hf_generate(
+                    _chat_ids(tok, history["vanilla"][:-1]), sampling, cfg)
                 on_decode(sample["runs"]["hf_generate"]["new_tokens"])
             if sampling.greedy and cfg.method != "vanilla":
                 ref, got = sample["runs"]["vanilla"]["tokens"], sample["runs"][cfg.method]["tokens"]
@@ -352,6 +353,6 @@ class Runner:
             summary["greedy_identical"] = {"identical": sum(greedy), "compared": len(greedy)}
         summary["peak_memory_mb"] = _peak_memory_mb(self.target.device)
         doc["summary"] = summary
-        doc["environment"] = results.environment(self.target.device)
+        doc["environment"] = environment(self.target.device)
         doc["status"] = ("complete" if {(s["id"], s["turn"]) for s in doc["samples"]} >=
                          {(pid, 0) for pid in doc["config"]["prompt_ids"]} else "partial")

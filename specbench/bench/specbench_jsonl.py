@@ -263,7 +263,8 @@ def _short_target(cfg: dict) -> str:
 
 def model_id(cfg: dict, method: str | None = None, suffix: str = "") -> str:
     t = cfg.get("sampling", {}).get("temperature", 0.0)
-    return f"{_short_target(cfg)}-{method or cfg['method']}-{cfg.get('dtype') or 'float32'}-temperature-{float(t)}{suffix}"
+    return (f"{_short_target(cfg)}-{method or cfg['method']}-{cfg.get('dtype') or 'float32'}"
+            f"-temperature-{float(t)}{suffix}")
 
 
 def _load_tokenizer(cfg: dict, tokenizer):
@@ -290,7 +291,8 @@ def _load_tokenizer(cfg: dict, tokenizer):
             pass
         cands.append(Path(name).expanduser())
     for d in cands:
-        if d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if d.is_dir() and any((d / f).is_file()
+                              for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             try:
                 return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
             except Exception:  # noqa: BLE001 - unusable tokenizer dir: fall through to the next candidate

@@ -8,9 +8,9 @@ root alone.  Children are tried by the verifier in node order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
@@ -39,11 +39,11 @@ class Proposal:
     extra_mask: torch.Tensor | None = None
 
     @classmethod
-    def chain(cls, tokens: Sequence[int], draft_probs: torch.Tensor | None = None) -> "Proposal":
+    def chain(cls, tokens: Sequence[int], draft_probs: torch.Tensor | None = None) -> Proposal:
         return cls(list(tokens), list(range(len(tokens))), draft_probs)
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "Proposal":
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> Proposal:
         """A tree given as token paths from the root; shared prefixes are merged."""
         index: dict[tuple[int, ...], int] = {(): 0}
         tokens: list[int] = []

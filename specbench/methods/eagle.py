@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def default_checkpoint_dir() -> Path:
 
 # ------------------------------------------------------------------ checkpoint resolution
 
-_HEADS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_HEADS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _needs(method: str, target, why: str = "") -> CheckpointError:

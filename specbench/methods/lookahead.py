@@ -74,8 +74,8 @@ of ~0.74 (process CPU time; the machine was shared, wall time unusable), while S
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import torch
 

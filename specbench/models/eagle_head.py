@@ -158,7 +158,7 @@ class EagleHead(nn.Module):
         self.rotary_emb = rotary_cls(config=cfg).to(ref.device)
 
     @classmethod
-    def for_target(cls, target, fc_bias: bool = True, config=None) -> "EagleHead":
+    def for_target(cls, target, fc_bias: bool = True, config=None) -> EagleHead:
         """A randomly initialised head for `target` (a specbench Target or an HF causal LM)."""
         tcfg, embed, lm_head, body = _target_parts(target)
         layer_cls, rotary_cls = _layer_classes(tcfg, body)

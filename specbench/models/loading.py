@@ -36,8 +36,8 @@ _CACHE_FORMAT = 2  # 2: safetensors metadata format=pt and a tied head stored as
 
 @dataclass
 class LoadedModel:
-    model: "PreTrainedModel"
-    tokenizer: "PreTrainedTokenizerBase | None"
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
     name: str  # canonical embedded name, or the path / HF id given
     weights_sha256: str
     source: str  # "embedded" | "local" | "hf-cache" | "random"
@@ -77,7 +77,10 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
-    """"auto" -> float32 on cpu; on cuda bfloat16 if supported else float16. Names: float32/fp32, bfloat16/bf16, float16/fp16."""
+    """"auto" -> float32 on cpu; on cuda bfloat16 if supported else float16.
+
+    Names: float32/fp32, bfloat16/bf16, float16/fp16.
+    """
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ModelError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
@@ -171,7 +174,8 @@ def _load_tokenizer(d: Path):
     try:
         return AutoTokenizer.from_pretrained(d, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - many library error types; re-raised as one clear error
-        raise ModelError(f"cannot load the tokenizer in {d}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ModelError(f"cannot load the tokenizer in {d}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _load_causal_lm(d: Path, dtype: torch.dtype, label: str):
@@ -298,7 +302,8 @@ def _convert_embedded(m: EmbeddedModel, root: Path, cache: Path) -> None:
         gc.collect()
         if bad or not tied_ok:
             raise ModelError(f"converted cache of '{m.name}' does not reproduce the GGUF weights "
-                             f"({', '.join(bad[:3]) or 'lm_head not tied'}); please report this (transformers version?)")
+                             f"({', '.join(bad[:3]) or 'lm_head not tied'}); "
+                             "please report this (transformers version?)")
 
         st_sha = sha256_file(tmp / "model.safetensors")
         write_stamp(tmp / "model.safetensors", st_sha)

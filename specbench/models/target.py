@@ -127,7 +127,7 @@ class Target:
         self.length = 0  # tokens committed to the KV cache
 
     @classmethod
-    def from_loaded(cls, loaded) -> "Target":
+    def from_loaded(cls, loaded) -> Target:
         return cls(loaded.model, loaded.tokenizer, name=loaded.name, weights_sha256=loaded.weights_sha256)
 
     @property

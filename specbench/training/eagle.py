@@ -19,9 +19,9 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ __all__ = ["LossConfig", "head_forward", "feature_loss", "distribution_loss", "e
            "make_loss_fn", "train", "heldout_accuracy", "build_head"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     v_w: float = 1.0
     p_w: float = 0.1
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cmd = "specbench train --method eagle " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    cmd = ("specbench train --method eagle "
+           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
     configure(timestamps=True, level=logging.INFO if PartialState().is_main_process else logging.WARNING)
     with log_file(a.log):

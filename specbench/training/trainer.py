@@ -23,9 +23,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -258,8 +258,8 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
                             "fingerprint": fingerprint, "total_steps": total_steps}, tmp)
 
     t0 = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and acc.is_main_process),
-               mininterval=5)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+               disable=not (progress and acc.is_main_process), mininterval=5)
     head.train()
     stopped = False
     logf = open(log_path, "a") if acc.is_main_process else None
@@ -285,8 +285,8 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                       **{k: round(float(v.detach() if torch.is_tensor(v) else v), 6) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1
-                          or isinstance(v, (int, float))},
+                       **{k: round(float(v.detach() if torch.is_tensor(v) else v), 6) for k, v in out.items()
+                          if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))},
                        "t": round(time.time() - t0, 2)}
                 history.append(rec)
                 if logf is not None and step % cfg.log_every == 0:

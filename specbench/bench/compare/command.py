@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ...artifacts import write_json
 from ...errors import SpecbenchError, UsageError
-from .. import results as _results
 from .claims import check_claims
 from .common import METRIC_LABEL, METRICS, CompareError
 from .inputs import expand_inputs, load_inputs
@@ -63,7 +63,8 @@ def _tolerances(pairs: list[str]) -> dict:
         except ValueError:
             rel = -1.0
         if not sep or k not in METRICS or not 0 < rel < 1:
-            raise UsageError(f"--tolerance expects METRIC=REL with METRIC in {', '.join(METRICS)} and 0<REL<1, got {p!r}")
+            raise UsageError(f"--tolerance expects METRIC=REL with METRIC in {', '.join(METRICS)} and 0<REL<1, "
+                             f"got {p!r}")
         out[k] = rel
     return out
 
@@ -134,7 +135,7 @@ def cmd_compare(args) -> int:
         for p in written:
             print(f"spec-bench answers: {p}", file=info)
     if args.write_reference:
-        _results.write_atomic(Path(args.write_reference), reference_document(method_runs, command=_command_line(args)))
+        write_json(Path(args.write_reference), reference_document(method_runs, command=_command_line(args)))
         print(f"reference written: {args.write_reference} ({len(method_runs)} cells)", file=info)
     if args.gate:
         bad = gate_failures(cells)

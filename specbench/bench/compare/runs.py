@@ -149,7 +149,8 @@ def run_from_document(doc: dict, source: str) -> Run:
         top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0) or 1.0),
         seed=cfg.get("seed"), limit=cfg.get("limit"), max_new_tokens=cfg.get("max_new_tokens"),
         prompt_ids=cfg.get("prompt_ids"),
-        dataset_file=cfg["dataset_file"] if isinstance(cfg.get("dataset_file"), dict) else None, summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
+        dataset_file=cfg["dataset_file"] if isinstance(cfg.get("dataset_file"), dict) else None,
+        summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
         label=method, extra=dict(doc.get("compare_extra") or {}),
     )
