@@ -575,7 +575,7 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
 
 def test_eager_and_sdpa_heads_agree(target, head):
     """Without a mask the head is causal under both attention implementations (eager has no is_causal)."""
-    eager = EagleHead(LlamaConfig.from_dict({**target.config.to_dict(), "attn_implementation": "eager"}),
+    eager = EagleHead(LlamaConfig(**{**target.config.to_dict(), "attn_implementation": "eager"}),
                       target.model.get_input_embeddings(), target.head)
     assert eager.config._attn_implementation == "eager"
     eager.load_state_dict(head.state_dict())
