@@ -231,8 +231,9 @@ def test_paper_rows_use_judge_and_hardware_class():
     full = [f"mt_bench/{i}" for i in range(81, 161)]
 
     def paper_doc(tau_step, gpu=None):
-        d = make_doc("pld", "mt_bench", target="meta-llama/Llama-2-7b-chat-hf", step=tau_step, gpu=gpu, limit=None)
-        d["config"]["prompt_ids"] = full
+        d = make_doc("pld", "mt_bench", target="meta-llama/Llama-2-7b-chat-hf", step=tau_step, gpu=gpu, limit=None,
+                     n=len(full))  # a sample for every prompt: judged against the paper only when complete
+        assert d["config"]["prompt_ids"] == full
         return d
 
     doc = paper_doc(2)
@@ -311,6 +312,16 @@ def test_a_claim_between_mismatched_runs_is_not_checked(tmp_path, capsys, eagle2
     assert "VIOLATED" not in out and "holds" not in out
     notes = " ".join(out.split())  # the note may wrap
     assert "not checked on mt_bench T=0:" in notes and why in notes, notes
+
+
+def test_a_partial_run_is_judged_on_the_prompts_it_finished(tmp_path):
+    e2 = make_doc("eagle2", step=2, params=dict(EAGLE2_AT, total_tokens=11))
+    e2["samples"], e2["status"] = e2["samples"][:1], "partial"  # planned 3 prompts, finished 1
+    runs = [C.run_from_document(make_doc("eagle", step=3, params=EAGLE_CPU10), "e.json"),
+            C.run_from_document(e2, "e2.json")]
+    assert runs[1].prompt_ids == ["mt_bench/81"]
+    [cr] = [c for c in C.check_claims(runs, C.load_claims(CLAIMS_FILE)) if c["claim"]["id"] == "eagle2_gt_eagle"]
+    assert not cr["checked"] and "other prompts (1 vs 3)" in cr["reason"]
 
 
 def test_claims_name_unimplemented_methods(tmp_path):

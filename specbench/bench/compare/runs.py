@@ -148,12 +148,21 @@ def run_from_document(doc: dict, source: str) -> Run:
         method=method, params=normalized(cfg.get("params") or {}), dataset=dataset, temperature=temperature,
         top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0) or 1.0),
         seed=cfg.get("seed"), limit=cfg.get("limit"), max_new_tokens=cfg.get("max_new_tokens"),
-        prompt_ids=cfg.get("prompt_ids"),
+        prompt_ids=_finished_prompts(cfg.get("prompt_ids"), doc.get("samples")),
         dataset_file=cfg["dataset_file"] if isinstance(cfg.get("dataset_file"), dict) else None,
         summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
         label=method, extra=dict(doc.get("compare_extra") or {}),
     )
+
+
+def _finished_prompts(planned, samples) -> list | None:
+    """The planned prompt ids that the run holds samples of: a partial run is judged on what it measured,
+    so it never matches a complete run of the same plan."""
+    if not isinstance(planned, list) or not isinstance(samples, list):
+        return planned
+    done = {s.get("id") for s in samples if isinstance(s, dict)}
+    return [pid for pid in planned if pid in done]
 
 
 def pooled_vanilla(runs: list[Run]) -> list[Run]:
