@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 from datetime import datetime
 
 import pytest
@@ -84,6 +85,23 @@ def test_environment_fingerprint():
     assert datetime.fromisoformat(env["date"]).utcoffset().total_seconds() == 0
     assert env["git_commit"] is None or len(env["git_commit"].removesuffix("-dirty")) == 40
     json.dumps(env)
+
+
+def _git(d, *args):
+    subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True)
+
+
+def test_git_commit_is_only_specbench_checkouts(tmp_path, monkeypatch):
+    """A copy installed inside some other repository records no commit; a checkout records its own."""
+    repo = tmp_path / "project"
+    (repo / "venv" / "specbench").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    monkeypatch.setattr(A, "__file__", str(repo / "venv" / "specbench" / "artifacts.py"))
+    assert A.git_commit() is None  # inside the user's repository, not its top level
+    monkeypatch.setattr(A, "__file__", str(repo / "specbench" / "artifacts.py"))
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert A.git_commit() == head.strip()
 
 
 # ---------------------------------------------------------------- logging
