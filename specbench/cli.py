@@ -30,13 +30,13 @@ def cmd_run(args) -> int:
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
                     device=args.device, hf_generate=args.hf_generate)
+    if args.threads:  # before planning: the thread count is one of the run's recorded settings
+        import torch
+        torch.set_num_threads(args.threads)
     # Settings, prompts, the output file and a resumable run are all checked before any model is loaded.
     plan = plan_run(cfg)
     out = Path(args.out) if args.out else default_out(plan)
     open_output(plan, out, resume=not args.no_resume)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     runner = Runner(args.target, dtype=args.dtype, device=args.device)
     doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress, plan=plan)
     s = doc["summary"]

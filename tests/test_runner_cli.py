@@ -9,7 +9,8 @@ import torch
 
 from specbench import cli
 from specbench.bench import metrics, results
-from specbench.bench.runner import RunConfig, Runner
+from specbench.bench.datasets import load_prompts
+from specbench.bench.runner import RunConfig, Runner, default_out, plan_run
 from specbench.errors import ContextLengthError, UsageError
 from specbench.methods.pld import lookup
 from specbench.models import tiny_llama
@@ -313,3 +314,46 @@ def test_bad_prompt_file_names_the_line_and_field(cli_env, capsys, tmp_path, lin
 def test_empty_prompt_file_is_refused(cli_env, capsys, tmp_path):
     f = _write_jsonl(tmp_path / "p.jsonl", ["", "  "])
     assert "no questions" in _one_line_exit_2(["run", "--method", "pld", "--dataset", f], capsys)
+
+
+def test_a_finished_file_is_not_rewritten_and_a_partial_resume_keeps_earlier_fingerprints(runner, tmp_path):
+    out = tmp_path / "r.json"
+    runner.run(_cfg(limit=1), out=out, progress=False)
+    before = out.read_bytes()
+    runner.run(_cfg(limit=1), out=out, progress=False)  # nothing to do: no new stamp, no rewrite
+    assert out.read_bytes() == before
+    first_env = json.loads(before)["environment"]
+    doc = runner.run(_cfg(limit=2), out=out, progress=False)  # resumed in another session: both fingerprints
+    assert doc["environment_earlier"] == [first_env] and doc["status"] == "complete"
+
+
+def test_resume_refuses_another_thread_count(cli_env, capsys, tmp_path):
+    assert cli.main(RUN + ["--out", "r.json", "--threads", "1"]) == 0
+    err = _one_line_exit_2(RUN + ["--out", "r.json", "--threads", "2"], capsys)
+    assert "threads: file 1, now 2" in err
+
+
+def test_a_prompt_file_resumes_under_another_spelling_of_its_path(runner, tmp_path, monkeypatch):
+    f = _write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["a"]}, {"question_id": 2, "turns": ["b"]}])
+    out = tmp_path / "r.json"
+    runner.run(_cfg(dataset=f, limit=1), out=out, progress=False)
+    monkeypatch.chdir(tmp_path)
+    doc = runner.run(_cfg(dataset="q.jsonl", limit=2), out=out, progress=False)
+    assert len(doc["samples"]) == 2
+    same = [plan_run(_cfg(dataset=d, limit=1)) for d in (f, "q.jsonl")]
+    assert default_out(same[0]) == default_out(same[1])
+
+
+def test_prompt_file_lines_split_only_on_newlines(tmp_path):
+    f = _write_jsonl(tmp_path / "q.jsonl", [json.dumps({"question_id": 1, "turns": ["a\u2028b\x0bc"]},
+                                                       ensure_ascii=False)])
+    assert load_prompts(f)[0].turns == ("a\u2028b\x0bc",)
+
+
+def test_seed_out_of_range_and_a_malformed_resume_file_are_one_line(cli_env, capsys, tmp_path):
+    assert "--seed must be in [0, 2**32)" in _one_line_exit_2(RUN + ["--seed", str(2**40)], capsys)
+    doc = {"schema_version": 1, "kind": results.KIND, "config": [], "environment": {}, "samples": [],
+           "summary": {}}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    assert "'config' is not a JSON object" in _one_line_exit_2(RUN + ["--out", "r.json"], capsys)
+    assert cli_env == []

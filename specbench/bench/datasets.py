@@ -86,7 +86,7 @@ def read_prompt_file(spec: str) -> tuple[PromptFile, list[Prompt]]:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
         if not line.strip():
             continue
         where = f"{pf.path}:{lineno}"

@@ -40,7 +40,10 @@ def load(path: Path) -> dict:
     if version > SCHEMA_VERSION:
         raise ResultsError(f"{path}: schema version {version} is newer than this specbench reads "
                            f"({SCHEMA_VERSION}); upgrade specbench")
-    for key in ("config", "environment", "samples", "summary"):
+    for key, kind in (("config", dict), ("environment", dict), ("samples", list), ("summary", dict)):
         if key not in data:
             raise ResultsError(f"{path}: missing {key!r}")
+        if not isinstance(data[key], kind):
+            raise ResultsError(f"{path}: {key!r} is not a JSON {'object' if kind is dict else 'array'}; "
+                               "the file is corrupt: re-run to regenerate it")
     return data

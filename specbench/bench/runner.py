@@ -66,6 +66,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 # Config keys that depend on the loaded model or drafter; every other key is known before loading.
 _MODEL_KEYS = ("target", "dtype", "device", "draft_checkpoint_sha256", "draft_vocab_sha256")
 _UNCHECKED_KEYS = ("prompt_ids", "limit")  # a resumed run may extend the prompt list
+_SPELLING_KEYS = ("dataset_file.path",)  # how the file was named; its sha256 is what must match
 
 
 @dataclass
@@ -94,7 +95,8 @@ def _differences(old: dict, new: dict, keys) -> list[str]:
     """`key: file X, now Y` for each setting in `keys` that differs (nested settings by dotted name)."""
     a = _flat({k: old.get(k) for k in keys})
     b = _flat(json.loads(json.dumps({k: new.get(k) for k in keys})))
-    return [f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in _SPELLING_KEYS]
 
 
 def _refuse_resume(out: Path, diffs: list[str]) -> UsageError:
@@ -123,6 +125,8 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.repeats < 1 or cfg.max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    if not 0 <= cfg.seed < 2**32:  # per-prompt generator seeds are derived from it and must fit int64
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError(f"--limit must be >= 1 (got {cfg.limit}); leave it out for every prompt")
     settings = {"method": cfg.method, "params": params, "baseline": "vanilla"}
@@ -139,6 +143,7 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
         "limit": cfg.limit, "prompt_ids": [p.id for p in prompts], "sampling": sampling.to_dict(),
         "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
         "hf_generate": cfg.hf_generate,
+        "threads": torch.get_num_threads(),  # timings depend on it: a resume must not mix thread counts
     })
     plan = Plan(cfg, params, sampling, prompts, settings, None)
     if out is not None:
@@ -171,7 +176,10 @@ def default_out(plan: Plan) -> Path:
     """runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json: the hash covers every other setting, so a run
     resumes only its own file and never lands on the project's records in results/."""
     cfg = plan.cfg
-    identity = {"settings": {k: v for k, v in plan.settings.items() if k != "prompt_ids"},
+    settings = {k: v for k, v in plan.settings.items() if k != "prompt_ids"}
+    if "dataset_file" in settings:
+        settings["dataset_file"] = {"sha256": settings["dataset_file"]["sha256"]}  # not the path's spelling
+    identity = {"settings": settings,
                 "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
     digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())[:6]
     dataset = plan.settings["dataset"].replace("/", "_")
@@ -218,10 +226,15 @@ class Runner:
             doc = {"schema_version": results.SCHEMA_VERSION, "kind": results.KIND,
                    "definitions": metrics.DEFINITIONS, "config": config, "samples": [], "summary": {}}
         done = {(s["id"], s["turn"]) for s in doc["samples"]}
-        self._warm_up(first_turns[0], sampling)
-
         roles = 3 if cfg.hf_generate else 2  # decodes per turn: vanilla, the method (and generate())
         todo = [p for p in prompts if not all((p.id, t) in done for t in range(len(p.turns)))]
+        if plan.existing is not None:
+            if not todo:  # finished: the file stays exactly as measured (no new stamp, no rewrite)
+                log.info("%s already holds all %d prompts; pass --no-resume to measure again", out, len(prompts))
+                return plan.existing
+            # The samples come from more than one process: keep each earlier session's fingerprint.
+            doc["environment_earlier"] = doc.get("environment_earlier", []) + [doc["environment"]]
+        self._warm_up(first_turns[0], sampling)
         bar = tqdm(total=roles * sum(len(p.turns) for p in todo), desc=f"{cfg.method} on {config['dataset']}",
                    disable=not progress, file=sys.stderr, unit="decode", dynamic_ncols=True)
         if len(todo) < len(prompts):
@@ -351,7 +364,8 @@ class Runner:
         greedy = [s["greedy_identical"] for s in doc["samples"] if "greedy_identical" in s]
         if greedy:
             summary["greedy_identical"] = {"identical": sum(greedy), "compared": len(greedy)}
-        summary["peak_memory_mb"] = _peak_memory_mb(self.target.device)
+        earlier_peak = (doc.get("summary") or {}).get("peak_memory_mb") or 0.0  # a resumed run's first session
+        summary["peak_memory_mb"] = max(_peak_memory_mb(self.target.device), earlier_peak)
         doc["summary"] = summary
         doc["environment"] = environment(self.target.device)
         doc["status"] = ("complete" if {(s["id"], s["turn"]) for s in doc["samples"]} >=

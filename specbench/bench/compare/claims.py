@@ -8,8 +8,8 @@ pair makes it meaningful:
 2. comparable drafting: both runs at their methods' defaults (the papers' settings; the draft
    checkpoint aside), or equal draft budgets (`Method.draft_budget`): the same number of tree
    nodes verified per step (EAGLE: the static tree's nodes; EAGLE-2: total_tokens; PLD:
-   num_pred_tokens + 1; Lookahead: guess x (level - 1) + 1) and, where both restrict it, the
-   same draft vocabulary.
+   num_pred_tokens + 1; Lookahead: guess x (level - 1) + 1) and, for methods that can restrict
+   it, the same draft vocabulary size (0, the full vocabulary, included).
 
 Any other pair is reported as "not checked" with the reason, never as holding or violated:
 an EAGLE-2 run of 8 tree nodes says nothing about the paper's 60-node EAGLE-2 against EAGLE's
