@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "atomic_path",
+    "check_writable",
     "cpu_name",
     "environment",
     "git_commit",
@@ -69,6 +70,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | os.PathLike, option: str, *, directory: bool = False) -> None:
+    """Make `path`'s directory (or `path` itself, for an output directory) and prove a file can be written
+    there, before any work whose result would be lost; a UsageError naming `option` otherwise."""
+    import tempfile
+
+    from .errors import UsageError
+
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    where = path if directory else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write in {where} ({e.strerror or e}); choose another path") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -702,3 +702,30 @@ def test_benchmark_record_of_an_input_results_file_is_not_a_duplicate(tmp_path, 
     rc, out, err = run_cli([str(tmp_path), "--no-baseline"], capsys)  # a directory holding both
     assert rc == 0, err
     assert out.count("2.000") == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--write-reference", "afile/ref.json"], "--write-reference afile/ref.json: cannot write in afile"),
+    (["--export-specbench", "afile/out"], "--export-specbench afile/out: cannot write in afile/out"),
+])
+def test_unwritable_outputs_fail_before_any_table(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    write(tmp_path / "r.json", make_doc())
+    rc, out, err = run_cli(["r.json", "--no-baseline", *extra], capsys)
+    assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"better": "eagle2", "worse": "eagle", "metric": "tau"}, "claims[0] needs id, text"),
+    ({"id": "x", "text": "t", "better": "eagle2", "worse": "eagle", "metric": "tau", "temperatures": ["zero"]},
+     "claims[0].temperatures must be a list of numbers"),
+    ({"id": "x", "text": "t", "better": "eagle2", "worse": "eagle", "metric": "tau", "datasets": "mt_bench"},
+     "claims[0].datasets must be a list"),
+])
+def test_a_malformed_claims_file_is_one_line(tmp_path, capsys, claim, message):
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"kind": "specbench.claims", "claims": [claim]}))
+    write(tmp_path / "r.json", make_doc())
+    rc, out, err = run_cli([str(tmp_path / "r.json"), "--baseline", str(c)], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1

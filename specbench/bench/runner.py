@@ -12,14 +12,13 @@ import json
 import logging
 import resource
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..artifacts import environment, sha256_bytes, write_json
+from ..artifacts import check_writable, environment, sha256_bytes, write_json
 from ..decoding import SamplingConfig, generate, make_generator
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
@@ -104,20 +103,6 @@ def _refuse_resume(out: Path, diffs: list[str]) -> UsageError:
                       f"or choose another --out")
 
 
-def check_writable(path: Path) -> None:
-    """Create `path`'s directory and prove a file can be written there, before any work that would be lost."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a directory; give a file name")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out {path}: cannot write in {parent} ({e.strerror or e}); choose another --out") from None
-
-
 def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Plan:
     """Validate a run's settings, prompts and output file without loading a model."""
     method = get_method(cfg.method)
@@ -153,7 +138,7 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
 
 def open_output(plan: Plan, out: Path, resume: bool = True) -> None:
     """Check that `out` can be written and, when resuming, that it holds a run of these settings (plan.existing)."""
-    check_writable(out)
+    check_writable(out, "--out")
     plan.existing = None
     if not (resume and Path(out).exists()):
         return

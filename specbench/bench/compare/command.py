@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ...artifacts import write_json
+from ...artifacts import check_writable, write_json
 from ...errors import SpecbenchError, UsageError
 from .claims import check_claims
 from .common import METRIC_LABEL, METRICS, CompareError
@@ -77,10 +77,13 @@ def _check_outputs(args, inputs: list[Path]) -> None:
         out = getattr(args, opt)
         if out and Path(out).resolve() in ins:
             raise UsageError(f"--{opt.replace('_', '-')} {out} is one of the inputs; refusing to overwrite it")
-        if out and Path(out).is_dir():
-            raise UsageError(f"--{opt.replace('_', '-')} {out} is a directory; give a file name")
     if args.plot and not str(args.plot).lower().endswith((".png", ".svg", ".pdf")):
         raise UsageError(f"--plot {args.plot}: give a .png (or .svg/.pdf) file name")
+    for opt in ("plot", "write_reference"):  # a probe write now, not a traceback after the tables
+        if getattr(args, opt):
+            check_writable(getattr(args, opt), f"--{opt.replace('_', '-')}")
+    if args.export_specbench:
+        check_writable(Path(args.export_specbench), "--export-specbench", directory=True)
 
 
 def _command_line(args) -> str:

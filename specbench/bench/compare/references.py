@@ -118,8 +118,15 @@ def load_claims(path: Path) -> list[dict]:
     if not isinstance(data, dict) or data.get("kind") != CLAIMS_KIND or not isinstance(data.get("claims"), list):
         raise CompareError(f"{path}: not a specbench claims file (kind {CLAIMS_KIND!r} with a claims list)")
     for i, c in enumerate(data["claims"]):
-        if not isinstance(c, dict) or not all(isinstance(c.get(k), str) for k in ("better", "worse", "metric")):
-            raise CompareError(f"{path}: claims[{i}] needs better, worse and metric")
+        if not isinstance(c, dict) or not all(isinstance(c.get(k), str) for k in ("id", "text", "better", "worse",
+                                                                                  "metric")):
+            raise CompareError(f"{path}: claims[{i}] needs id, text, better, worse and metric (strings)")
+        if "temperatures" in c and (not isinstance(c["temperatures"], list)
+                                    or not all(is_num(t) for t in c["temperatures"])):
+            raise CompareError(f"{path}: claims[{i}].temperatures must be a list of numbers")
+        if "datasets" in c and (not isinstance(c["datasets"], list)
+                                or not all(isinstance(d, str) for d in c["datasets"])):
+            raise CompareError(f"{path}: claims[{i}].datasets must be a list of dataset names")
     return data["claims"]
 
 
@@ -148,11 +155,10 @@ def load_references(baseline: str | None = None, *, none: bool = False,
     if baseline is None:
         rs.rows = load_baselines()
         rs.kinds.append("paper")
-        refs, rs.claims = embedded_references()
-        for doc in refs:
-            rs.cells += [(c, doc["tolerance"], doc["_path"]) for c in doc["cells"]]
-        if refs:
-            rs.kinds.append("embedded")
+        refs, claims = embedded_references()
+        embedded = RefSet.of_documents(refs, claims)
+        rs.cells, rs.claims = embedded.cells, embedded.claims
+        rs.kinds += embedded.kinds
         return rs
     path = Path(baseline)
     if path.is_dir():
