@@ -311,3 +311,17 @@ def test_self_distillation_regenerates_assistant_turns(tiny, tmp_path):
     # resumable: a second call regenerates nothing
     again = regenerate_conversations(None, tiny.tokenizer, convs, out_dir=tmp_path, progress=False)
     assert again == out
+
+
+def test_train_options_are_checked_before_any_work(tmp_path):
+    from specbench.errors import UsageError
+    from specbench.training.eagle import main
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match="--log .*cannot write in"):
+        main(["--out", str(tmp_path / "o"), "--log", str(tmp_path / "afile" / "x.log")])
+    for bad in (["--embed-init-scale", "abc"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
+    assert not (tmp_path / "o").exists()

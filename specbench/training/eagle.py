@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import environment, sha256_file, sha256_json, write_json
+from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
 from ..logs import configure, log_file
 from ..models.eagle_head import DRAFT_VOCAB_FILE
 from .trainer import TrainConfig, train_loop
@@ -335,6 +335,17 @@ def train(target_spec: str, out: Path, *, data: str = "sharegpt", max_conversati
     return out
 
 
+def _auto_or_float(value: str) -> str | float:
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number, not {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m specbench.training.eagle ...``: the same as ``specbench train --method eagle``."""
     import argparse
@@ -360,11 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log", type=Path, help="also append the log to this file")
-    p.add_argument("--embed-init-scale", default="auto",
+    p.add_argument("--embed-init-scale", default="auto", type=_auto_or_float,
                    help="scale of fc's embedding-half init: 'auto' = std(features)/std(embedding), or a number")
     p.add_argument("--init-from", type=Path, help="EAGLE checkpoint to start from (a second training phase)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.log:  # checked before hours of feature extraction, not when the first line is logged
+        check_writable(a.log, "--log")
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = ("specbench train --method eagle "
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
               self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache, work_dir=a.work_dir,
               heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress, command=cmd,
               init_from=a.init_from,
-              embed_init_scale=a.embed_init_scale if a.embed_init_scale == "auto" else float(a.embed_init_scale))
+              embed_init_scale=a.embed_init_scale)
     return 0
 
 
