@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from specbench.models import load_model
 
     target = Target.from_loaded(load_model(args.model, dtype="float32", device="cpu"))
-    ckpt = args.checkpoint or str(default_checkpoint_dir())
+    ckpt = args.checkpoint or str(default_checkpoint_dir("eagle2"))
     head = resolve_head("eagle2", target, args.checkpoint)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     grid = list(itertools.product(ints(args.depths), ints(args.total_tokens), ints(args.top_ks),

@@ -53,11 +53,22 @@ def test_checkpoints_live_on_the_method():
     assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
     assert m["eagle2"].identity.draft_of == "eagle"
     for name in ("eagle", "eagle2"):
-        head = m[name].default_checkpoint(E.DEFAULT_CHECKPOINT_TARGET)
-        assert head == E.DEFAULT_CHECKPOINT_NAME == E.default_checkpoint_dir().name
+        head = m[name].default_checkpoint("smollm2-135m")
+        assert head == "eagle-smollm2-135m" == E.default_checkpoint_dir(name).name
         assert m[name].default_checkpoint("llama2-chat-7b") is None
-    assert E.default_checkpoint_dir().is_dir()
-    assert m["pld"].default_checkpoint(E.DEFAULT_CHECKPOINT_TARGET) is None
+        assert E.default_checkpoint_dir(name).is_dir()
+    assert m["pld"].default_checkpoint("smollm2-135m") is None
+
+
+def test_a_method_without_its_own_default_head_never_loads_another_methods():
+    from helpers import tiny_target
+
+    import specbench.methods.eagle as E
+    from specbench.models.eagle_head import CheckpointError
+
+    target = tiny_target(name="smollm2-135m")  # named as the embedded target, whose committed head is EAGLE's
+    with pytest.raises(CheckpointError, match="method hass needs a draft checkpoint .*no committed default head"):
+        E.resolve_head("hass", target, "")
 
 
 def test_a_plugin_gets_an_identity_of_its_own():

@@ -87,13 +87,16 @@ TREES: dict[str, list[list[int]]] = {
     "cpu_4": [[0], [1], [0, 0]],
 }
 
-# The committed head of the embedded target, as the methods' catalogue records it for eagle and eagle2.
-DEFAULT_CHECKPOINT_TARGET, DEFAULT_CHECKPOINT_NAME = catalogue.identity("eagle").default_checkpoint
+# Package data (pyproject's package-data), so an installed wheel finds the heads as a source checkout does.
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
-def default_checkpoint_dir() -> Path:
-    # Package data (pyproject's package-data), so an installed wheel finds it as a source checkout does.
-    return Path(__file__).resolve().parents[1] / "checkpoints" / DEFAULT_CHECKPOINT_NAME
+def default_checkpoint_dir(method: str = "eagle") -> Path:
+    """The committed head the methods' catalogue names for `method` (each method its own record)."""
+    dc = catalogue.identity(method).default_checkpoint
+    if dc is None:
+        raise CheckpointError(f"method {method} has no committed default head")
+    return CHECKPOINTS_DIR / dc.name
 
 
 # ------------------------------------------------------------------ checkpoint resolution
@@ -117,9 +120,12 @@ def resolve_head(method: str, target, checkpoint: Any) -> EagleHead:
                                   f"{checkpoint.hidden_size} vs {target.config.hidden_size})")
         return checkpoint
     if checkpoint in ("", None):
-        d = default_checkpoint_dir()
-        if (target.name or "") != DEFAULT_CHECKPOINT_TARGET:
-            raise _needs(method, target, f"the committed default head {d.name} is for {DEFAULT_CHECKPOINT_TARGET}")
+        dc = catalogue.identity(method).default_checkpoint
+        if dc is None:
+            raise _needs(method, target, "there is no committed default head")
+        d = CHECKPOINTS_DIR / dc.name
+        if (target.name or "") != dc.target:
+            raise _needs(method, target, f"the committed default head {d.name} is for {dc.target}")
         if not d.is_dir():
             raise _needs(method, target, f"no committed default head at {d}")
         try:
@@ -127,8 +133,8 @@ def resolve_head(method: str, target, checkpoint: Any) -> EagleHead:
         except CheckpointError as e:
             raise _needs(method, target, f"the default head {d} does not load: {e}") from e
     d = Path(str(checkpoint)).expanduser()
-    if not d.exists() and (default_checkpoint_dir().parent / str(checkpoint)).is_dir():
-        d = default_checkpoint_dir().parent / str(checkpoint)
+    if not d.exists() and (CHECKPOINTS_DIR / str(checkpoint)).is_dir():
+        d = CHECKPOINTS_DIR / str(checkpoint)
     if not d.is_dir():
         what = "is a file" if d.exists() else "not found"
         raise CheckpointError(f"draft checkpoint {checkpoint} {what}; pass a directory with config.json and "
