@@ -24,16 +24,10 @@ from specbench.decoding.tree import Proposal
 from specbench.decoding.verify import Verdict
 from specbench.methods.base import get_method
 from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, parse_tree
-from specbench.models import tiny_llama
 from specbench.models.eagle_head import EagleHead
 from specbench.models.hf_compat import cache_kwargs
 from specbench.models.target import Target
 from specbench.training.features import target_hidden_states
-
-try:  # the single_thread fixture: tests/conftest.py provides it; older layouts export it from helpers.py
-    from helpers import single_thread  # noqa: F401
-except ImportError:
-    pass
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,11 +66,6 @@ def deprecations():
     found += [f"{w.category.__name__} ({w.filename}:{w.lineno}): {w.message}"
               for w in caught if issubclass(w.category, DEPRECATIONS)]
     found += handler.lines
-
-
-@pytest.fixture(scope="module")
-def target() -> Target:
-    return Target.from_loaded(tiny_llama(seed=0))
 
 
 @pytest.fixture(scope="module")

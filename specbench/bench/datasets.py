@@ -116,11 +116,18 @@ def read_prompt_file(spec: str) -> tuple[PromptFile, list[Prompt]]:
     return pf, prompts
 
 
+def open_prompts(spec: str, limit: int | None = None) -> tuple[str, dict | None, list[Prompt]]:
+    """(dataset name, the prompt file's record or None, the first `limit` prompts) of `--dataset SPEC`."""
+    if is_prompt_file(spec):
+        pf, prompts = read_prompt_file(spec)
+        return pf.name, pf.record(), (prompts[:limit] if limit is not None else prompts)
+    return spec, None, load_prompts(spec, limit)
+
+
 def load_prompts(name: str, limit: int | None = None) -> list[Prompt]:
     """The first `limit` prompts of a vendored set or of a prompt file (see `is_prompt_file`)."""
     if is_prompt_file(name):
-        _, prompts = read_prompt_file(name)
-        return prompts[:limit] if limit is not None else prompts
+        return open_prompts(name, limit)[2]
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}, "
                          "or a prompt file PATH.jsonl (question_id, category, turns per line)")

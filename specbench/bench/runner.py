@@ -23,7 +23,7 @@ from ..decoding import SamplingConfig, generate, make_generator
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
 from . import metrics, results
-from .datasets import is_prompt_file, load_prompts, read_prompt_file
+from .datasets import open_prompts
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,10 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError(f"--limit must be >= 1 (got {cfg.limit}); leave it out for every prompt")
-    settings = {"method": cfg.method, "params": params, "baseline": "vanilla"}
-    if is_prompt_file(cfg.dataset):
-        pf, prompts = read_prompt_file(cfg.dataset)
-        prompts = prompts[:cfg.limit] if cfg.limit is not None else prompts
-        settings.update(dataset=pf.name, dataset_file=pf.record())
-    else:
-        prompts = load_prompts(cfg.dataset, cfg.limit)
-        settings["dataset"] = cfg.dataset
+    dataset, dataset_file, prompts = open_prompts(cfg.dataset, cfg.limit)
+    settings = {"method": cfg.method, "params": params, "baseline": "vanilla", "dataset": dataset}
+    if dataset_file is not None:
+        settings["dataset_file"] = dataset_file
     if not prompts:
         raise UsageError(f"dataset {cfg.dataset!r} has no prompts for --limit {cfg.limit}")
     settings.update({
