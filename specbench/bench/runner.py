@@ -244,7 +244,9 @@ class Runner:
 
     def _check_context(self, prompt, max_new: int) -> None:
         """Turn k's prompt holds the k earlier answers: bound each by max_new tokens, so a later turn that
-        could overflow the context is refused before turn 1 is decoded."""
+        could overflow the context is refused before turn 1 is decoded. The answers are re-tokenized from
+        their text, which can (rarely) give more tokens than were generated; `generate` checks the exact
+        prompt again, and a run stopped there keeps its finished prompts."""
         tok = self.loaded.tokenizer
         messages: list[dict] = []
         for turn, text in enumerate(prompt.turns):
