@@ -20,14 +20,15 @@ decode loop (specbench.decoding.loop.generate) and the real Target.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import DEVICES, check_emitted, chi_square_check
 
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
-from specbench.errors import SpecbenchError
 from specbench.methods import DrafterBase, available_methods, get_method
+from specbench.models.eagle_head import save_eagle_checkpoint
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,22 +103,69 @@ def exact_first_two(model, prompt: list[int], cfg: SamplingConfig) -> tuple[torc
 
 # --------------------------------------------------------------------------- drafters
 
-def _needs_checkpoint(exc: BaseException) -> bool:
-    """The plugins' documented "needs a (draft) checkpoint" error (e.g. EAGLE's CheckpointError)."""
-    return isinstance(exc, SpecbenchError) and (type(exc).__name__ == "CheckpointError"
-                                                 or "checkpoint" in str(exc).lower())
+def _distilled_eagle_checkpoint(target, d: Path) -> None:
+    """An EAGLE head fitted in ~100 steps (a few seconds) to the tiny target's own T=1 text, with the
+    project's loss: any weights keep decoding lossless, but only a head that drafts what the target
+    says gets drafts accepted, which the sampling tests need to be more than vacuous."""
+    from specbench.training.eagle import LossConfig, build_head, frozen_lm_head_fn, make_loss_fn
+    from specbench.training.features import target_hidden_states
+    from specbench.training.trainer import make_batch
+
+    model = target.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ids = torch.randint(0, VOCAB, (64, 1))
+        with torch.no_grad():
+            for _ in range(31):
+                nxt = torch.multinomial(torch.softmax(model(ids).logits[:, -1], -1), 1)
+                ids = torch.cat([ids, nxt], 1)
+            hidden = target_hidden_states(model, ids)
+        rows = [{"input_ids": ids[i], "loss_mask": torch.ones(ids.shape[1]), "hidden": hidden[i]}
+                for i in range(len(ids))]
+        head = build_head(model, seed=0)
+        loss_fn = make_loss_fn(frozen_lm_head_fn(model.get_output_embeddings()), LossConfig())
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(100):
+            loss = loss_fn(head, make_batch(rows[(step * 8) % 64:(step * 8) % 64 + 8]))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_eagle_checkpoint(head.eval(), d)
 
 
-def build_drafter(name: str, target, sampling: SamplingConfig, generator):
+# Losslessness must hold for any draft weights, so a checkpoint made here for the tiny target drives a
+# head method's whole path. Keyed by draft architecture (`Identity.draft_of`, else the method's name):
+# a registered method that needs a checkpoint of an architecture missing here fails, never skips.
+CHECKPOINT_BUILDERS = {"eagle": _distilled_eagle_checkpoint}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(target, tmp_path_factory):
+    """name -> the method parameters that point it at a random draft checkpoint for `target` ({} if none)."""
+    made: dict[str, str] = {}
+
+    def params_for(name: str) -> dict:
+        method = get_method(name)
+        if not method.needs_checkpoint:
+            return {}
+        arch = method.identity.draft_of or name
+        if arch not in CHECKPOINT_BUILDERS:
+            pytest.fail(f"{name} needs a draft checkpoint ({arch}) and this test cannot make one for the tiny "
+                        "target: add a builder to CHECKPOINT_BUILDERS")
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"{arch}-head")
+            CHECKPOINT_BUILDERS[arch](target, d)
+            made[arch] = str(d)
+        return {"checkpoint": made[arch]}
+
+    return params_for
+
+
+def build_drafter(name: str, target, sampling: SamplingConfig, generator, checkpoints):
     if name == SAMPLED_TREE:
         return SampledTreeDrafter(target.model, sampling, generator)
     method = get_method(name)
-    try:
-        return method.drafter(target, sampling, generator, **method.params())
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is the documented one
-        if _needs_checkpoint(e):
-            pytest.skip(f"{name}: {e}")
-        raise
+    return method.drafter(target, sampling, generator, **method.params(checkpoints(name)))
 
 
 class SampledTreeDrafter(DrafterBase):
@@ -183,9 +231,9 @@ def test_vanilla_loop_equals_uncached_argmax(model, prompts, vanilla_greedy):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_greedy_equals_vanilla(name, model, target, prompts, vanilla_greedy):
+def test_greedy_equals_vanilla(name, model, target, prompts, vanilla_greedy, checkpoints):
     sampling = SamplingConfig()
-    drafter = build_drafter(name, target, sampling, make_generator(0))
+    drafter = build_drafter(name, target, sampling, make_generator(0), checkpoints)
     accepted = 0
     for prompt, ref in zip(prompts, vanilla_greedy):
         gen = generate(target, drafter, prompt, MAX_NEW_GREEDY, sampling, make_generator(0), stop_ids=set())
@@ -249,11 +297,11 @@ class Recording:
 
 
 @pytest.mark.parametrize("name,cfg_name", list(_sampling_params()))
-def test_first_two_tokens_follow_target(name, cfg_name, target, sampling_setups):
+def test_first_two_tokens_follow_target(name, cfg_name, target, sampling_setups, checkpoints):
     cfg = SAMPLINGS[cfg_name]
     prompt, p0, p1 = sampling_setups[cfg_name]
     generator = make_generator(12345)
-    drafter = Recording(build_drafter(name, target, cfg, generator))
+    drafter = Recording(build_drafter(name, target, cfg, generator, checkpoints))
     first2, drafted, accepted = [], 0, 0
     for _ in range(N_GENERATIONS):
         gen = generate(target, drafter, prompt, 2, cfg, generator, stop_ids=set())
@@ -267,6 +315,32 @@ def test_first_two_tokens_follow_target(name, cfg_name, target, sampling_setups)
         assert accepted > N_GENERATIONS // 20, f"{name}: drafts accepted in only {accepted} first steps"
     else:
         assert name in ("vanilla", "lookahead"), f"{name} never drafted in the first step"
+
+
+def test_first_two_token_check_catches_a_head_method_that_mislabels_its_drafts(target, sampling_setups, checkpoints,
+                                                                               monkeypatch):
+    """Mutation: EAGLE-2's top-k drafts declared as sampled from a uniform q. The sampled verifier then
+    accepts a draft with min(1, p/q) instead of p, over-emitting drafted tokens: the check above, run on
+    the head method with its test checkpoint, must see it (and passes on the real drafter)."""
+    from specbench.methods.eagle import Eagle2Drafter
+
+    real = Eagle2Drafter.propose
+
+    def mislabelled(self, tokens):
+        prop = real(self, tokens)
+        if not prop.tokens:
+            return prop
+        q = torch.full((len(prop.tokens), VOCAB), 1.0 / VOCAB)
+        return Proposal(prop.tokens, prop.parents, draft_probs=q)
+
+    monkeypatch.setattr(Eagle2Drafter, "propose", mislabelled)
+    cfg = SAMPLINGS["T1"]
+    prompt, p0, p1 = sampling_setups["T1"]
+    generator = make_generator(12345)
+    drafter = build_drafter("eagle2", target, cfg, generator, checkpoints)
+    first2 = [generate(target, drafter, prompt, 2, cfg, generator, stop_ids=set()).tokens
+              for _ in range(N_GENERATIONS)]
+    assert not check_emitted(torch.tensor(first2), p0, p1).ok
 
 
 # Beyond the first step: every emitted token x_t must follow p_t = p(. | prompt, x_<t).  With
@@ -324,11 +398,11 @@ def _pit(p: torch.Tensor, x: int, first: list[int], rnd: float) -> float:
 
 
 @pytest.mark.parametrize("name", list(_pit_params()))
-def test_drafted_steps_follow_target(name, model, target, sampling_setups):
+def test_drafted_steps_follow_target(name, model, target, sampling_setups, checkpoints):
     cfg = SAMPLINGS["T1"]
     prompt = sampling_setups["T1"][0]
     generator = make_generator(777)
-    drafter = Recording(build_drafter(name, target, cfg, generator))
+    drafter = Recording(build_drafter(name, target, cfg, generator, checkpoints))
     seqs, picks, accepted = [], [], 0
     for _ in range(PIT_GENERATIONS):
         gen = generate(target, drafter, prompt, PIT_TOKENS, cfg, generator, stop_ids=set())
