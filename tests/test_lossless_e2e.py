@@ -246,6 +246,56 @@ def test_greedy_equals_vanilla(name, model, target, prompts, vanilla_greedy, che
         assert accepted > 0, f"{name}: no draft token was ever accepted, the comparison is vacuous"
 
 
+def _eos_cases(ref: list[int], ends: set[int], per_kind: int = 3) -> list[tuple[int, int, str]]:
+    """(k, stop token, where) with ref[k] the token's first occurrence, so vanilla with that EOS stops at
+    k: up to `per_kind` positions inside a step's accepted drafts and as many at a step's end."""
+    firsts = [k for k in range(len(ref)) if ref[k] not in ref[:k]]
+    inside = [(k, ref[k], "inside accepted drafts") for k in firsts if k not in ends][:per_kind]
+    at_end = [(k, ref[k], "end of step") for k in firsts if k in ends][:per_kind]
+    return inside + at_end
+
+
+def _eos_greedy_run(name, model, target, prompts, vanilla_greedy, checkpoints):
+    """Per EOS case: where the stop falls in the method's step (inside its accepted drafts, or at the
+    step's end: the bonus or correction) and a message if the output is not vanilla's, cut at EOS."""
+    sampling = SamplingConfig()
+    drafter = build_drafter(name, target, sampling, make_generator(0), checkpoints)
+    placements, problems = set(), []
+    for prompt, ref in zip(prompts, vanilla_greedy):
+        free = generate(target, drafter, prompt, MAX_NEW_GREEDY, sampling, make_generator(0), stop_ids=set())
+        if free.tokens != ref.tokens:
+            continue  # a numerical tie (test_greedy_equals_vanilla proves it one): the cut is not comparable
+        ends = {sum(free.steps[:i + 1]) - 1 for i in range(len(free.steps))}  # last index of each step
+        for k, eos, where in _eos_cases(ref.tokens, ends):
+            gen = generate(target, drafter, prompt, MAX_NEW_GREEDY, sampling, make_generator(0), stop_ids={eos})
+            placements.add(where)
+            if gen.tokens != ref.tokens[:k + 1] or gen.stop != "eos":
+                problems.append(f"EOS {eos} at {k} ({where}): got {gen.tokens} ({gen.stop}), "
+                                f"vanilla {ref.tokens[:k + 1]}")
+    return placements, problems
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_greedy_eos_cut_equals_vanilla(name, model, target, prompts, vanilla_greedy, checkpoints):
+    """With EOS on, every method stops where vanilla does, whether EOS is accepted inside the drafts,
+    is the bonus, or is the correction; the drafting methods must meet EOS inside accepted drafts."""
+    placements, problems = _eos_greedy_run(name, model, target, prompts, vanilla_greedy, checkpoints)
+    assert not problems, f"{name}: " + "; ".join(problems)
+    assert "end of step" in placements
+    if name != "vanilla":
+        assert "inside accepted drafts" in placements, f"{name} never met EOS inside its accepted drafts"
+
+
+def test_eos_check_catches_a_loop_that_looks_only_at_the_last_token(model, target, prompts, vanilla_greedy,
+                                                                    checkpoints, monkeypatch):
+    """Mutation: the loop notices a stop token only at the end of a step's emitted tokens."""
+    import specbench.decoding.loop as loop
+
+    monkeypatch.setattr(loop, "cut_at_stop", lambda emitted, stop_ids: (emitted, emitted[-1] in stop_ids))
+    _, problems = _eos_greedy_run("pld", model, target, prompts, vanilla_greedy, checkpoints)
+    assert problems
+
+
 # --------------------------------------------------------------------------- sampling
 
 SAMPLINGS = {

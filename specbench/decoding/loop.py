@@ -53,6 +53,13 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def cut_at_stop(emitted: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """A step's emitted tokens up to and including the first stop token, wherever it falls: inside the
+    accepted drafts, as the bonus or as the correction (vanilla would stop there too)."""
+    hit = next((i for i, t in enumerate(emitted) if t in stop_ids), None)
+    return (emitted, False) if hit is None else (emitted[: hit + 1], True)
+
+
 def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
              generator: torch.Generator | None = None, stop_ids: set[int] | None = None) -> Generation:
     """Decode up to `max_new_tokens` after `prompt` (a non-empty token list)."""
@@ -77,10 +84,8 @@ def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens
         target.commit([0, *verdict.path])
         t2 = _clock(dev)
         emitted = [tree.tokens[i] for i in verdict.path] + [verdict.token]
-        emitted = emitted[: max_new_tokens - len(gen.tokens)]
-        hit = next((i for i, t in enumerate(emitted) if t in stop_ids), None)
-        if hit is not None:
-            emitted = emitted[: hit + 1]
+        emitted, stopped = cut_at_stop(emitted[: max_new_tokens - len(gen.tokens)], stop_ids)
+        if stopped:
             gen.stop = "eos"
         last = verdict.path[-1] if verdict.path else 0
         gen._count_depths(len(verdict.path), bool(tree.children[last]))
