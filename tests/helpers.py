@@ -189,7 +189,8 @@ class Case:
 
     def tree(self) -> Tree:
         toks = self.tokens if self.tokens is not None else [0] * len(self.parents)
-        return Tree(self.root, Proposal(list(toks), list(self.parents)))
+        draws = "iid" if self.kind == "sampled" else None  # run_verifier draws every node independently
+        return Tree(self.root, Proposal(list(toks), list(self.parents), sibling_draws=draws))
 
 
 def run_verifier(case: Case, device: str, n: int = N_DRAWS, seed: int = 0):

@@ -185,7 +185,7 @@ class SampledTreeDrafter(DrafterBase):
         q_sib = self._q([tokens + [s] for s in sib])
         kids = torch.multinomial(q_sib, 1, generator=self.generator)[:, 0].tolist()
         return Proposal(tokens=[*sib, *kids], parents=[0, 0, 1, 2],
-                        draft_probs=torch.stack([q_root, q_root, q_sib[0], q_sib[1]]))
+                        draft_probs=torch.stack([q_root, q_root, q_sib[0], q_sib[1]]), sibling_draws="iid")
 
 
 SAMPLED_TREE = "sampled-tree(test drafter)"
@@ -381,7 +381,7 @@ def test_first_two_token_check_catches_a_head_method_that_mislabels_its_drafts(t
         if not prop.tokens:
             return prop
         q = torch.full((len(prop.tokens), VOCAB), 1.0 / VOCAB)
-        return Proposal(prop.tokens, prop.parents, draft_probs=q)
+        return Proposal(prop.tokens, prop.parents, draft_probs=q, sibling_draws="iid")  # the lie told in full
 
     monkeypatch.setattr(Eagle2Drafter, "propose", mislabelled)
     cfg = SAMPLINGS["T1"]

@@ -273,3 +273,21 @@ def test_greedy_matches_reference(case, device):
     emitted = [tree.tokens[i] for i in verdict.path] + [verdict.token]
     for node, tok in zip([0, *verdict.path], emitted):
         assert tok == logits[node].index(max(logits[node]))
+
+
+def test_sampled_siblings_must_be_stated_iid():
+    """The sampled-tree verifier refuses siblings not stated as i.i.d. draws, through the loop's entry point
+    too; a sampled chain (no siblings) needs no statement."""
+    from specbench.decoding.verify import accept
+
+    V = 4
+    logits = torch.zeros(3, V)
+    q = torch.full((2, V), 1.0 / V)
+    cfg = SamplingConfig(temperature=1.0)
+    for draws in (None, "without_replacement"):
+        tree = Tree(0, Proposal([1, 2], [0, 0], draft_probs=q, sibling_draws=draws))
+        with pytest.raises(ValueError, match="exact only for siblings drawn i.i.d. with replacement"):
+            accept(logits, tree, cfg, q)
+    accept(logits, Tree(0, Proposal([1, 2], [0, 0], draft_probs=q, sibling_draws="iid")), cfg, q)
+    accept(logits, Tree(0, Proposal.chain([1, 2], q)), cfg, q)
+

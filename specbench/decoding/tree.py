@@ -24,6 +24,12 @@ class Proposal:
     candidates (point masses) or a (len(tokens), V) tensor: row j is the distribution
     draft j was *sampled* from (siblings share their parent's distribution).
 
+    `sibling_draws` states how sampled siblings were drawn. The sampled-tree verifier is exact
+    only for "iid": each sibling drawn independently from its parent's q, with replacement
+    (`torch.multinomial(q, k, replacement=True)`; its default, without replacement, is not).
+    A sampled tree with siblings and any other statement, or none, is refused by the verifier;
+    a sampled chain and deterministic candidates need none.
+
     `extra_*` carry non-candidate tokens that ride along in the same target forward
     (Lookahead's Jacobi window).  They are appended after the tree nodes, attend to the
     committed context plus the tree/extra nodes given by `extra_mask` (shape
@@ -37,6 +43,7 @@ class Proposal:
     extra_tokens: list[int] = field(default_factory=list)
     extra_positions: list[int] = field(default_factory=list)
     extra_mask: torch.Tensor | None = None
+    sibling_draws: str | None = None
 
     @classmethod
     def chain(cls, tokens: Sequence[int], draft_probs: torch.Tensor | None = None) -> Proposal:

@@ -121,6 +121,12 @@ def verify_tree_sampled(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator:
     `tokens` (B, n) gives each draw its own drafted tokens (the tree then fixes only the
     shape); default: the tree's tokens for every draw.
     """
+    if tree.proposal.sibling_draws != "iid" and any(len(c) > 1 for c in tree.children):
+        # Multi-step rejection sampling over siblings is exact for i.i.d. draws only: siblings drawn
+        # without replacement shift the output distribution, so the tree is refused, not mis-verified.
+        raise ValueError(f"sampled siblings drawn {tree.proposal.sibling_draws or '(not stated)'}: the "
+                         "sampled-tree verifier is exact only for siblings drawn i.i.d. with replacement; "
+                         "draw them so and set Proposal.sibling_draws='iid'")
     return _walk(p, tree, q, generator, tokens)
 
 
