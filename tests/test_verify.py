@@ -291,3 +291,12 @@ def test_sampled_siblings_must_be_stated_iid():
     accept(logits, Tree(0, Proposal([1, 2], [0, 0], draft_probs=q, sibling_draws="iid")), cfg, q)
     accept(logits, Tree(0, Proposal.chain([1, 2], q)), cfg, q)
 
+
+
+def test_chi_square_check_fails_on_one_draw_in_a_zero_probability_cell():
+    from helpers import chi_square_check
+
+    expected = torch.tensor([[0.5, 0.0], [0.25, 0.25]]).numpy()
+    ok = torch.tensor([[0, 0], [0, 0], [1, 0], [1, 1]] * 300)  # exactly the expected frequencies
+    assert chi_square_check(ok, expected).ok
+    assert not chi_square_check(torch.cat([ok, torch.tensor([[0, 1]])]), expected).ok
