@@ -120,14 +120,18 @@ def open_prompts(spec: str, limit: int | None = None) -> tuple[str, dict | None,
     """(dataset name, the prompt file's record or None, the first `limit` prompts) of `--dataset SPEC`."""
     if is_prompt_file(spec):
         pf, prompts = read_prompt_file(spec)
-        return pf.name, pf.record(), (prompts[:limit] if limit is not None else prompts)
-    return spec, None, load_prompts(spec, limit)
+        name, record = pf.name, pf.record()
+    else:
+        name, record, prompts = spec, None, _vendored(spec)
+    return name, record, (prompts[:limit] if limit is not None else prompts)
 
 
 def load_prompts(name: str, limit: int | None = None) -> list[Prompt]:
     """The first `limit` prompts of a vendored set or of a prompt file (see `is_prompt_file`)."""
-    if is_prompt_file(name):
-        return open_prompts(name, limit)[2]
+    return open_prompts(name, limit)[2]
+
+
+def _vendored(name: str) -> list[Prompt]:
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}, "
                          "or a prompt file PATH.jsonl (question_id, category, turns per line)")
@@ -136,6 +140,5 @@ def load_prompts(name: str, limit: int | None = None) -> list[Prompt]:
 
     datasets.disable_progress_bars()
     rows = datasets.load_dataset("json", data_files=str(DATA_DIR / spec.file), split="train")
-    prompts = [Prompt(f"{name}/{r['question_id']}", r["category"], tuple(r["turns"]))
-               for r in rows if spec.categories is None or r["category"] in spec.categories]
-    return prompts[:limit] if limit is not None else prompts
+    return [Prompt(f"{name}/{r['question_id']}", r["category"], tuple(r["turns"]))
+            for r in rows if spec.categories is None or r["category"] in spec.categories]

@@ -157,11 +157,9 @@ def default_out(plan: Plan) -> Path:
     """runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json: the hash covers every other setting, so a run
     resumes only its own file and never lands on the project's records in results/."""
     cfg = plan.cfg
-    settings = {k: v for k, v in plan.settings.items() if k != "prompt_ids"}
-    if "dataset_file" in settings:
-        settings["dataset_file"] = {"sha256": settings["dataset_file"]["sha256"]}  # not the path's spelling
-    identity = {"settings": settings,
-                "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
+    # The settings a resume checks (the path's spelling is not one), plus what only the load would show.
+    settings = {k: v for k, v in _flat(plan.settings).items() if k not in _SPELLING_KEYS and k != "prompt_ids"}
+    identity = {"settings": settings, "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
     digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())[:6]
     dataset = plan.settings["dataset"].replace("/", "_")
     n = cfg.limit if cfg.limit is not None else "all"
@@ -209,10 +207,11 @@ class Runner:
         done = {(s["id"], s["turn"]) for s in doc["samples"]}
         roles = 3 if cfg.hf_generate else 2  # decodes per turn: vanilla, the method (and generate())
         todo = [p for p in prompts if not all((p.id, t) in done for t in range(len(p.turns)))]
+        todo_ids = {p.id for p in todo}
         if plan.existing is not None:
             if not todo:  # finished: the file stays exactly as measured (no new stamp, no rewrite)
                 log.info("%s already holds all %d prompts; pass --no-resume to measure again", out, len(prompts))
-                return plan.existing
+                return doc
             # The samples come from more than one process: keep each earlier session's fingerprint.
             doc["environment_earlier"] = doc.get("environment_earlier", []) + [doc["environment"]]
         self._warm_up(first_turns[0], sampling)
@@ -230,7 +229,7 @@ class Runner:
 
         with bar:
             for index, prompt in enumerate(prompts):
-                if prompt not in todo:
+                if prompt.id not in todo_ids:
                     continue
                 doc["samples"] = [s for s in doc["samples"] if s["id"] != prompt.id]
                 doc["samples"] += self._run_prompt(index, prompt, drafter, vanilla, sampling, cfg, on_decode)
