@@ -1,5 +1,5 @@
 """Loading target models: embedded (converted once to a safetensors cache), local directory,
-local Hugging Face cache, or a tiny random Llama built in-process for tests.
+local Hugging Face cache, or a tiny random Llama (or sliding-window Mistral) built in-process for tests.
 
 Never touches the network: embedded weights come from `fetch_embedded` (pip), everything else
 is loaded with `local_files_only=True`.
@@ -28,7 +28,8 @@ from .registry import EMBEDDED, EmbeddedModel, ModelError, cache_dir, fetch_embe
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "weights_sha256_of_dir"]
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "tiny_mistral",
+           "weights_sha256_of_dir"]
 
 MANIFEST = "specbench-cache.json"
 _CACHE_FORMAT = 2  # 2: safetensors metadata format=pt and a tied head stored as the embedding (both for 4.56)
@@ -434,3 +435,25 @@ def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2,
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, None, f"tiny-llama-seed{seed}", state_dict_sha256(model), "random")
+
+
+def tiny_mistral(sliding_window: int | None = 8, vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2,
+                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64,
+                 max_position_embeddings: int = 512, seed: int = 0) -> LoadedModel:
+    """A random float32 MistralForCausalLM on cpu (every layer attends within `sliding_window`), as tiny_llama."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, sliding_window=sliding_window,
+        initializer_range=0.5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        attn_implementation="sdpa", dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config)
+    model = model.to(torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, None, f"tiny-mistral-w{sliding_window}-seed{seed}", state_dict_sha256(model), "random")

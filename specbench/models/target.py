@@ -5,6 +5,12 @@ with explicit position ids on top of a DynamicCache (Llama, Mistral, Qwen2 famil
 The decoder and the LM head are called separately so last-layer hidden states (the input
 of the LM head, which EAGLE-style drafters read) come for free, and the LM head only runs
 on the rows whose logits are needed.
+
+Every cache layer is a BufferLayer holding the full history, so commit keeps the accepted
+path the same way in every layer.  A model whose attention layers all use a sliding window
+(Mistral's `sliding_window`, Qwen2 with `use_sliding_window`) gets the window from our own
+4D mask on every forward; a model mixing sliding and full-attention layers is refused
+(one mask is passed to all layers).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from transformers.cache_utils import DynamicLayer
 from ..decoding.tree import Proposal, Tree
 from ..errors import ContextLengthError
 from .hf_compat import cache_kwargs
+from .registry import ModelError
 
 
 class BufferLayer(DynamicLayer):
@@ -89,17 +96,42 @@ class BufferLayer(DynamicLayer):
 
 
 def buffer_cache(config=None) -> DynamicCache:
-    """A DynamicCache whose plain full-attention layers are BufferLayers (others, e.g. sliding windows, as built).
+    """A DynamicCache whose every layer is a BufferLayer (full history, also for sliding-window models).
 
-    Without a config it holds one BufferLayer (a single-layer model such as a draft head).
+    transformers' own sliding-window layers keep only the last window - 1 rows and never roll back
+    their length, so a rejected draft could not be undone; the window is applied by Target's mask
+    instead.  Without a config it holds one BufferLayer (a single-layer model such as a draft head).
     """
     if config is None:
         cache = DynamicCache()
         cache.layers = [BufferLayer()]
         return cache
-    cache = DynamicCache(config=config)
-    cache.layers = [BufferLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache = DynamicCache(config=config)  # for the layer count transformers derives from the config
+    cache.layers = [BufferLayer() for _ in cache.layers]
     return cache
+
+
+def attention_window(config) -> int | None:
+    """W when every attention layer of `config` uses a sliding window of W, None when all use full attention.
+
+    Raises ModelError for anything else (some layers sliding and some full, or other layer kinds): the
+    decoder gets one 4D mask for all its layers, which cannot express both patterns.
+    """
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2: the window is off unless enabled
+        window = None
+    kinds = getattr(config, "layer_types", None)  # Qwen2 (4.56 and 5.x) always derives it; Mistral has none
+    if kinds is None:
+        kinds = ["sliding_attention" if window is not None else "full_attention"] * config.num_hidden_layers
+    kinds = set(kinds)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"} and window is not None:
+        return int(window)
+    raise ModelError(
+        f"unsupported attention layout ({getattr(config, 'model_type', 'model')}: layer_types "
+        f"{sorted(kinds)}, sliding_window {window}): speculative decoding here needs the same attention on every "
+        "layer, full or one sliding window; use a model whose layers all use full attention or all the same window")
 
 
 @dataclass
@@ -122,6 +154,9 @@ class Target:
         self.device, self.dtype = p.device, p.dtype
         self.config = model.config
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        # None for full attention (the model builds its causal mask for prefill and chains, as transformers
+        # does); else every forward passes our own mask, which is then the only place the window is applied.
+        self.window = attention_window(model.config)
         self.vocab_size = int(self.head.weight.shape[0])
         self.cache: DynamicCache | None = None
         self.length = 0  # tokens committed to the KV cache
@@ -156,7 +191,11 @@ class Target:
             empty = torch.empty(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
             return StepOutput(torch.empty(0, self.vocab_size, device=self.device), empty)
         t = torch.tensor(ids, device=self.device)
-        hidden = self._run(t, torch.arange(len(ids), device=self.device), None)
+        mask = None
+        if self.window is not None:
+            n = len(ids)
+            mask = self._mask(torch.ones(n, n, dtype=torch.bool).tril(), torch.arange(n))
+        hidden = self._run(t, torch.arange(len(ids), device=self.device), mask)
         self.length = len(ids)
         return StepOutput(self.head(hidden[-1:]).float(), hidden)
 
@@ -166,8 +205,23 @@ class Target:
         local[:n, :n] = tree.ancestor_mask()
         if m:
             local[n:] = prop.extra_mask.to(torch.bool).cpu()
-        mask = torch.zeros(n + m, self.length + n + m, dtype=self.dtype)
-        mask[:, self.length:] = torch.where(local, 0.0, torch.finfo(self.dtype).min)
+        return self._mask(local, self.length + torch.tensor(tree.depth + list(prop.extra_positions)))
+
+    def _mask(self, local: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Additive (1, 1, q, length + q) mask for q new tokens at absolute `positions` (cpu): every committed
+        row is visible, `local` (q, q bool) says which new rows are; with a window W a key at position k is
+        also hidden from a query at position q unless q - k < W.  That is transformers' own rule,
+        masking_utils.sliding_window_overlay (`kv_idx > q_idx - sliding_window`, the same in 4.56), with
+        the positions the rows would have in a sequential decode of their path.  The decoder uses a 4D mask
+        as given: masking_utils._preprocess_mask_arguments returns it unchanged ("If the mask is already 4D,
+        simply return as-is", also in 4.56) for create_causal_mask and create_sliding_window_causal_mask
+        alike, and the sdpa and eager attentions add no window of their own."""
+        allowed = torch.ones(len(positions), self.length + len(positions), dtype=torch.bool)
+        allowed[:, self.length:] = local
+        if self.window is not None:
+            keys = torch.cat([torch.arange(self.length), positions])
+            allowed &= positions[:, None] - keys[None, :] < self.window
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask.to(self.device)[None, None]
 
     @torch.inference_mode()
@@ -177,8 +231,9 @@ class Target:
         n, m = len(tree), len(prop.extra_tokens)
         ids = torch.tensor(tree.tokens + list(prop.extra_tokens), device=self.device)
         offsets = torch.tensor(tree.depth + list(prop.extra_positions), device=self.device)
-        # Causal attention is exactly the tree mask for a chain: let the model build it.
-        mask = None if tree.is_chain and not m else self._tree_mask(tree, prop)
+        # Causal attention is exactly the tree mask for a chain: let the model build it.  Not with a window:
+        # then the window is ours alone, never transformers' sliding mask sized against our BufferLayers.
+        mask = None if tree.is_chain and not m and self.window is None else self._tree_mask(tree, prop)
         hidden = self._run(ids, self.length + offsets, mask)
         logits = self.head(hidden).float()
         if m:
@@ -191,10 +246,5 @@ class Target:
         contiguous = nodes == list(range(len(nodes)))
         idx = None if contiguous else torch.tensor(nodes, device=self.device)
         for layer in self.cache.layers:
-            if isinstance(layer, BufferLayer):
-                layer.keep(self.length, idx, len(nodes))
-            else:  # e.g. sliding-window layers: rebuild by selection
-                local = torch.tensor(nodes, device=self.device)
-                sel = torch.cat([torch.arange(self.length, device=self.device), self.length + local])
-                layer.keys, layer.values = layer.keys.index_select(2, sel), layer.values.index_select(2, sel)
+            layer.keep(self.length, idx, len(nodes))
         self.length += len(nodes)
