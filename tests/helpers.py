@@ -1,6 +1,6 @@
 """Shared machinery of the tests: the statistical check, the verifier harness and the tiny target.
 
-The check (`chi_square_check`, `check_emitted`, `check_case`) is imported by both the
+The check (`check_sequence`, `check_case`; `chi_square_check` for one histogram) is imported by both the
 property tests (tests/test_verify.py) and the mutation tests (tests/test_verify_mutations.py),
 so the mutation tests prove that *this* check, not a copy of it, catches broken verifiers.
 
@@ -12,7 +12,7 @@ A `Case` is a tree shape plus *prefix tables*: ``P[L]`` has shape ``(V**L, V)`` 
 distribution in the same layout.  Each of the B draws of a sampled case drafts its own
 tokens from Q (siblings i.i.d. from their parent's row), and p for node i is gathered from
 the table at *that draw's* prefix, so the exact output distribution is known in closed
-form: P(x1) = P[0][x1], P(x1, x2) = P[0][x1] * P[1][x1, x2].
+form: P(x1) = P[0][x1], P(x1, x2) = P[0][x1] * P[1][x1, x2], and so on to the K_TOKENS-th token.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ DEVICES = [
 ALPHA = 1e-6  # false-alarm rate of one check; a p-value below it is a failure
 MIN_EXPECTED = 10.0  # cells with a smaller expected count are pooled
 N_DRAWS = 20_000  # draws per verifier call
+K_TOKENS = 4  # emitted tokens checked jointly (a depth-3 chain emits up to 4)
 MISMATCH = "distribution mismatch"
 OK = "ok"
 
@@ -71,6 +72,7 @@ class CheckResult:
     n: int
     detail: str = ""
     parts: list[CheckResult] = field(default_factory=list)
+    alpha: float = ALPHA
 
     @property
     def ok(self) -> bool:
@@ -78,7 +80,7 @@ class CheckResult:
 
     def __str__(self) -> str:
         head = (f"{self.verdict}: chi2={self.statistic:.1f} dof={self.dof} p={self.pvalue:.3g} "
-                f"(N={self.n}, fail below {ALPHA:g})")
+                f"(N={self.n}, fail below {self.alpha:g})")
         lines = [head + (f"; {self.detail}" if self.detail else "")]
         lines += ["  " + str(p) for p in self.parts]
         return "\n".join(lines)
@@ -136,23 +138,86 @@ def chi_square_check(samples, expected, alpha: float = ALPHA, label: str = "") -
     stat = float(((o - e) ** 2 / e).sum())
     dof = len(e) - 1
     pvalue = float(chi2.sf(stat, dof))
-    return CheckResult(MISMATCH if pvalue < alpha else OK, pvalue, stat, dof, n, label.rstrip(": "))
+    return CheckResult(MISMATCH if pvalue < alpha else OK, pvalue, stat, dof, n, label.rstrip(": "), alpha=alpha)
 
 
 def combine(parts: list[CheckResult]) -> CheckResult:
     worst = min(parts, key=lambda r: (r.ok, r.pvalue))
     return CheckResult(OK if all(p.ok for p in parts) else MISMATCH, worst.pvalue, worst.statistic, worst.dof,
-                       worst.n, "worst of: " + ", ".join(p.detail or "?" for p in parts), parts)
+                       worst.n, "worst of: " + ", ".join(p.detail or "?" for p in parts), parts, worst.alpha)
+
+
+def check_sequence(emitted: torch.Tensor, rows: list[torch.Tensor], alpha: float = ALPHA) -> CheckResult:
+    """THE losslessness check of emitted token sequences: `emitted` (N, k) and `rows[d]` (N, V), the
+    target's exact distribution of token d given that draw's own tokens before d.
+
+    Sequential conditionals: at each depth d the draws are grouped by their prefix x_<d (equal
+    prefixes have equal rows) and each group's token-d counts are tested against its row by Pearson
+    chi-square (small cells pooled); the groups' statistics and degrees of freedom add up (given the
+    group sizes they are independent) into one test per depth.  Together the k tests cover the
+    joint law of the k tokens: P(x_1..x_k) = prod_d P(x_d | x_<d).  Each runs at alpha / k
+    (Bonferroni), and a draw in a cell of probability 0, at any depth, fails outright.
+    """
+    em = emitted.detach().cpu().long().numpy() if isinstance(emitted, torch.Tensor) else np.asarray(emitted)
+    n, k = em.shape
+    V = rows[0].shape[-1]
+    if len(rows) < k:
+        raise ValueError(f"{k} tokens need {k} conditional rows, got {len(rows)}")  # a test bug
+    if ((em < 0) | (em >= V)).any():
+        bad = em[((em < 0) | (em >= V)).any(1)][0]
+        return CheckResult(MISMATCH, 0.0, math.inf, 0, n, f"invalid tokens, e.g. {bad.tolist()}", alpha=alpha / k)
+    parts = []
+    for d in range(k):
+        p = rows[d].detach().double().cpu().numpy()
+        p = p / p.sum(-1, keepdims=True)
+        x = em[:, d]
+        label = f"token {d + 1} given {d}" if d else "token 1"
+        px = p[np.arange(n), x]
+        if (px == 0).any():
+            where = np.flatnonzero(px == 0)
+            shown = ", ".join(str(em[i, :d + 1].tolist()) for i in where[:3])
+            parts.append(CheckResult(MISMATCH, 0.0, math.inf, 0, n,
+                                     f"{label}: {len(where)} draws in cells of target probability 0: {shown}",
+                                     alpha=alpha / k))
+            continue
+        group = np.unique(em[:, :d], axis=0, return_inverse=True)[1].reshape(-1) if d else np.zeros(n, np.int64)
+        stat, dof = 0.0, 0
+        order = np.argsort(group, kind="stable")
+        for members in np.split(order, np.cumsum(np.bincount(group))[:-1]):
+            observed = np.bincount(x[members], minlength=V).astype(np.float64)
+            row = p[members[0]]
+            nz = row > 0
+            e, o = _pool(len(members) * row[nz], observed[nz], MIN_EXPECTED)
+            if len(e) >= 2:
+                stat += float(((o - e) ** 2 / e).sum())
+                dof += len(e) - 1
+        pvalue = float(chi2.sf(stat, dof)) if dof else 1.0
+        parts.append(CheckResult(MISMATCH if pvalue < alpha / k else OK, pvalue, stat, dof, n, label,
+                                 alpha=alpha / k))
+    return combine(parts)
 
 
 def check_emitted(first2: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> CheckResult:
-    """First emitted token against p0 (V,), first two jointly against p0[x1] * p1[x1, x2]."""
-    p0 = p0.detach().double().cpu()
-    p1 = p1.detach().double().cpu()
-    p0n = p0 / p0.sum()
-    joint = p0n[:, None] * (p1 / p1.sum(-1, keepdim=True).clamp_min(1e-300))
-    return combine([chi_square_check(first2[:, :1], p0n.numpy(), label="first token: "),
-                    chi_square_check(first2, joint.numpy(), label="first two tokens: ")])
+    """`check_sequence` for two tokens from the exact P(x1) (V,) and P(x2 | x1) (V, V)."""
+    first2 = first2.detach().cpu().long()
+    x1 = first2[:, 0].clamp(0, p0.shape[-1] - 1)
+    return check_sequence(first2, [p0.detach().cpu()[None].expand(len(first2), -1), p1.detach().cpu()[x1]])
+
+
+def detection_noncentrality(dof: int, alpha: float, power: float = 0.99) -> float:
+    """Noncentrality lambda at which a chi-square test with `dof` degrees of freedom at level `alpha`
+    rejects with probability `power` (lambda = N * sum (p' - p)^2 / p for N draws from p' != p)."""
+    from scipy.optimize import brentq
+    from scipy.stats import ncx2
+
+    crit = chi2.isf(alpha, dof)
+    return float(brentq(lambda lam: ncx2.sf(crit, dof, lam) - power, 1e-6, 1e6))
+
+
+def detectable_relative_shift(n: int, p: float, alpha: float, power: float = 0.99) -> float:
+    """Smallest relative change r of one cell of probability p (the rest rescaled) that a 1-dof test
+    over n draws detects with `power`: lambda = n (p r)^2 / (p (1 - p))."""
+    return math.sqrt(detection_noncentrality(1, alpha, power) * (1 - p) / (n * p))
 
 
 # --------------------------------------------------------------------------- cases
@@ -221,37 +286,59 @@ def run_verifier(case: Case, device: str, n: int = N_DRAWS, seed: int = 0):
     return fn(p, tree, q, make_generator(seed, dev), tokens=toks), tree
 
 
-def first_two(verdict, case: Case, seed: int = 0) -> torch.Tensor:
-    """The first two emitted tokens of each draw.  A draw that emitted one token (a
-    correction at the root) stopped there; its next token is what the next decode step
-    would emit from a correct verifier, i.e. a draw from the target's P[1][x1]."""
-    em = verdict.emitted(2)
-    short = em[:, 1] < 0
-    x1 = em[:, 0]
-    if short.any() and bool(((x1 >= 0) & (x1 < case.vocab)).all()):
-        rows = case.P[1].to(em.device, torch.float32)[x1[short]]
-        em[short, 1] = torch.multinomial(rows, 1, generator=make_generator(seed + 2, em.device))[:, 0]
+def prefix_index(tokens: torch.Tensor, V: int) -> torch.Tensor:
+    """Row of each draw's prefix (N, L) in a level-L prefix table: the tokens read as a base-V number."""
+    idx = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+    for j in range(tokens.shape[1]):
+        idx = idx * V + tokens[:, j]
+    return idx
+
+
+def emitted_tokens(verdict, case: Case, k: int, seed: int = 0) -> torch.Tensor:
+    """The first k emitted tokens of each draw.  A draw that emitted fewer stopped there; its next
+    tokens are what the next decode steps would emit from a correct verifier, i.e. draws from the
+    target's rows at that draw's prefix."""
+    em = verdict.emitted(k)
+    g = make_generator(seed + 2, em.device)
+    for j in range(1, k):
+        short = em[:, j] < 0
+        head = em[short, :j]
+        if short.any() and bool(((head >= 0) & (head < case.vocab)).all()):
+            rows = case.P[j].to(em.device, torch.float32)[prefix_index(head, case.vocab)]
+            em[short, j] = torch.multinomial(rows, 1, generator=g)[:, 0]
     return em
 
 
-def check_case(case: Case, device: str = "cpu", n: int = N_DRAWS, seed: int = 0) -> CheckResult:
-    """THE losslessness check: run the verifier n times, compare first token and first two
-    tokens with the exact target probabilities."""
+def table_rows(case: Case, emitted: torch.Tensor) -> list[torch.Tensor]:
+    """rows[d] (N, V): the exact target distribution of token d given each draw's tokens before it."""
+    em = emitted.cpu().clamp(0, case.vocab - 1)
+    return [case.P[d].double()[prefix_index(em[:, :d], case.vocab)] for d in range(emitted.shape[1])]
+
+
+def check_case(case: Case, device: str = "cpu", n: int = N_DRAWS, seed: int = 0, k: int = K_TOKENS) -> CheckResult:
+    """THE losslessness check of a verifier: run it n times and compare the first k emitted tokens
+    (k at most the table's levels) with the exact target probabilities, jointly (`check_sequence`)."""
     verdict, _ = run_verifier(case, device, n, seed)
-    return check_emitted(first_two(verdict, case, seed), case.P[0][0], case.P[1])
+    em = emitted_tokens(verdict, case, min(k, len(case.P)), seed)
+    return check_sequence(em, table_rows(case, em))
 
 
 # --------------------------------------------------------------------------- table builders
 
-def explicit_table(rows_by_level: list) -> list[torch.Tensor]:
+def explicit_table(rows_by_level: list, levels: int = K_TOKENS) -> list[torch.Tensor]:
     """Tables from explicit probabilities: level 0 one row (V,), level L a (V**L, V) array or
-    a single (V,) row repeated for every prefix."""
+    a single (V,) row repeated for every prefix.  Levels past the given ones (up to `levels`)
+    repeat the last given level on the prefix's last tokens, so every case can be checked to
+    K_TOKENS emitted tokens."""
     V = len(rows_by_level[0])
     out = []
     for L, rows in enumerate(rows_by_level):
         t = torch.tensor(rows, dtype=torch.float32)
         t = t.reshape(-1, V).expand(V ** L, V) if t.numel() == V else t.reshape(V ** L, V)
         out.append((t / t.sum(-1, keepdim=True)).contiguous())
+    last = out[-1]
+    for L in range(len(out), levels):
+        out.append(last[torch.arange(V ** L) % len(last)].contiguous())
     return out
 
 

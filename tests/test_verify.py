@@ -4,10 +4,12 @@ Hypothesis draws vocabularies (2-8), target and draft distributions per tree nod
 near-uniform, uniform, sparse with exact zeros, point masses, mixtures; the root row drawn
 directly), temperature / top-k / top-p applied through `probs`, and tree shapes (chains,
 bushy trees, duplicated siblings, any sibling order).  Each example runs the verifier once,
-batched over N_DRAWS draws with a seeded generator, and the emitted tokens (first; first
-two jointly) must pass the chi-square check of `helpers.check_case` at p >= 1e-6, with zero
-counts in every cell of probability 0.  `derandomize=True` and fixed seeds make every run
-identical.  The greedy verifier is checked for exact equality with an independent reference.
+batched over N_DRAWS draws with a seeded generator, and the first K_TOKENS (4) emitted tokens
+jointly (a draw that stopped earlier continues from the exact target table) must pass the
+sequential chi-square check of `helpers.check_case` (alpha 1e-6 over the four depths), with
+zero counts in every cell of probability 0.  Its power: see tests/test_verify_mutations.py.
+`derandomize=True` and fixed seeds make every run identical.  The greedy verifier is checked
+for exact equality with an independent reference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, KINDS, Case, check_case, explicit_table, random_table, run_verifier
+from helpers import DEVICES, K_TOKENS, KINDS, Case, check_case, explicit_table, random_table, run_verifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +110,7 @@ def det_cases(draw) -> Case:
     bushy = draw(st.booleans())
     parents = draw(tree_shapes(max_nodes=V + 3 if bushy else 8, max_depth=3, bushy=bushy))
     depth = Tree(0, Proposal([0] * len(parents), parents)).max_depth
-    P, cfg, kind = draw(target_tables(V, max(depth, 1) + 1))
+    P, cfg, kind = draw(target_tables(V, max(depth + 1, K_TOKENS)))
     # candidates: any token, or (as real drafters do) one of the likeliest under the target
     # at the parent's prefix, so that sibling rejections leave residuals with real mass
     tokens: list[int] = []
@@ -135,7 +137,7 @@ def det_cases(draw) -> Case:
 def chain_cases(draw) -> Case:
     V = draw(st.integers(2, 8))
     depth = draw(st.integers(1, 4))
-    P, cfg, kind = draw(target_tables(V, depth + 1))
+    P, cfg, kind = draw(target_tables(V, max(depth + 1, K_TOKENS)))
     Q, style = draw(draft_tables(V, depth, P, cfg))
     return Case("chain", list(range(depth)), P, Q=Q, note=f"V={V} kind={kind} q={style} {cfg}")
 
@@ -146,7 +148,7 @@ def sampled_cases(draw) -> Case:
     bushy = draw(st.booleans())
     parents = draw(tree_shapes(max_nodes=6 if bushy else 7, max_depth=3, bushy=bushy))
     depth = Tree(0, Proposal([0] * len(parents), parents)).max_depth
-    P, cfg, kind = draw(target_tables(V, max(depth, 1) + 1))
+    P, cfg, kind = draw(target_tables(V, max(depth + 1, K_TOKENS)))
     Q, style = draw(draft_tables(V, depth, P, cfg))
     return Case("sampled", parents, P, Q=Q, note=f"V={V} kind={kind} q={style} {cfg}")
 

@@ -6,14 +6,27 @@ check (`helpers.check_case`, imported, not copied) on one fixed, explicit case c
 mutation changes the output distribution.  A kill is the check returning "distribution
 mismatch"; an exception inside a mutant would make the test error, never pass.  Each case is
 also run against the unmutated verifier, which must pass, so a kill is not the check failing
-on everything.
+on everything.  Two mutants below go further: (g) a fault at the third draft, invisible to the
+first two tokens, and (h) a 2% change of one token's acceptance, with the power statement of
+the checks.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, MISMATCH, Case, check_case, explicit_table, run_verifier
+from helpers import (
+    ALPHA,
+    DEVICES,
+    K_TOKENS,
+    MISMATCH,
+    Case,
+    check_case,
+    detectable_relative_shift,
+    detection_noncentrality,
+    explicit_table,
+    run_verifier,
+)
 from helpers import verify_module as vm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -135,3 +148,76 @@ def test_no_renormalise_is_equivalent_on_a_chain(device, monkeypatch):
     torch.multinomial, which normalises rows itself, so the check rightly passes there."""
     monkeypatch.setattr(vm, "_normalise", normalise_skipped)
     assert check_case(CASES["chain"], device).ok
+
+
+# --------------------------------------------------------------------------- beyond the second token
+
+class ThirdDraftIgnoresQ:
+    """(g) A fault at depth 2 only: on a chain, the walk's third acceptance (the third draft token)
+    uses r(x) instead of min(1, r(x)/q(x)).  The first two emitted tokens are exactly unaffected, so
+    only a check that reaches the third token can see it."""
+
+    def __init__(self, chain_depth: int):
+        self.chain_depth, self.calls = chain_depth, 0
+
+    def __call__(self, r_x, q_x):
+        depth = self.calls % self.chain_depth  # a chain's walk calls this once per depth, root first
+        self.calls += 1
+        return r_x if depth == 2 else _accept_prob(r_x, q_x)
+
+
+DEPTH3 = Case("chain", [0, 1, 2],
+              explicit_table([[0.3, 0.3, 0.4], [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]],
+                              [0.2, 0.2, 0.6], [0.4, 0.4, 0.2]]),
+              Q=explicit_table([[0.3, 0.3, 0.4], [0.3, 0.4, 0.3], [0.6, 0.3, 0.1]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_fault_at_the_third_draft_is_caught_only_past_two_tokens(device, monkeypatch):
+    assert check_case(DEPTH3, device).ok
+    monkeypatch.setattr(vm, "_accept_prob", ThirdDraftIgnoresQ(3))
+    assert check_case(DEPTH3, device, k=2).ok  # invisible to the first two tokens, as it must be
+    result = check_case(DEPTH3, device, k=K_TOKENS)
+    assert result.verdict == MISMATCH, f"a third-draft fault survived the {K_TOKENS}-token check:\n{result}"
+
+
+# --------------------------------------------------------------------------- power
+# What the checks can see, at alpha = ALPHA / K_TOKENS per depth and 99% power: a change r of one
+# token's probability p (the rest rescaled) is detected when r >= detectable_relative_shift(N, p).
+# With N_DRAWS = 20,000 draws (the property tests) that is 8% for p = 0.3; the targeted check
+# below runs POWER_DRAWS in one batched call, which detects 1.6% for p = 0.3, so a 2% relative
+# change of one mid-probability token's acceptance is caught.
+POWER_DRAWS = 500_000
+
+# A single draft token 0 with p(0) = 0.3, q(0) = 0.5: accepted with 0.6, and the residual after a
+# rejection (0, 0, 1) never returns it, so P(emit 0) = 0.5 * a(0) exactly.
+POWER_CASE = Case("chain", [0], explicit_table([[0.3, 0.3, 0.4], [0.2, 0.3, 0.5]]),
+                  Q=explicit_table([[0.5, 0.3, 0.2]]))
+
+
+def accept_two_percent_more(r_x, q_x):
+    """(h) The acceptance of the one draft token whose draft probability is 0.5 (token 0 of
+    POWER_CASE) raised by 2% relative: 0.6 -> 0.612, so P(emit 0) 0.300 -> 0.306."""
+    a = _accept_prob(r_x, q_x)
+    return a if q_x is None else torch.where((q_x - 0.5).abs() < 1e-6, (a * 1.02).clamp(max=1.0), a)
+
+
+def test_power_statement():
+    """The figures stated above, recomputed: so the statement cannot drift from the constants."""
+    from helpers import N_DRAWS
+
+    alpha = ALPHA / K_TOKENS
+    assert round(detectable_relative_shift(N_DRAWS, 0.3, alpha), 2) == 0.08
+    assert round(detectable_relative_shift(POWER_DRAWS, 0.3, alpha), 3) == 0.016
+    # the mutant's exact first-token distribution has enough noncentrality for 99% power at dof 2
+    p, distorted = torch.tensor([0.3, 0.3, 0.4]), torch.tensor([0.306, 0.3, 0.394])
+    lam = POWER_DRAWS * float(((distorted - p) ** 2 / p).sum())
+    assert lam > detection_noncentrality(2, alpha)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_percent_acceptance_change_is_caught(device, monkeypatch):
+    assert check_case(POWER_CASE, device, n=POWER_DRAWS).ok
+    monkeypatch.setattr(vm, "_accept_prob", accept_two_percent_more)
+    result = check_case(POWER_CASE, device, n=POWER_DRAWS)
+    assert result.verdict == MISMATCH, f"a 2% acceptance change survived {POWER_DRAWS} draws:\n{result}"
