@@ -51,7 +51,12 @@ def cmd_run(args) -> int:
                                   "new tokens", "steps"], floatfmt=".3f", missingval="-"))
     if "greedy_identical" in s:
         g = s["greedy_identical"]
-        print(f"greedy outputs identical to vanilla: {g['identical']}/{g['compared']}")
+        line = f"greedy outputs identical to vanilla: {g['identical']}/{g['compared']}"
+        if g["identical"] != g["compared"]:
+            ties = g.get("numerical_ties", 0)
+            line += (f" ({ties} parted at a numerical tie, {g['compared'] - g['identical'] - ties} NOT at a tie: "
+                     "a losslessness bug; see the samples' divergence)")
+        print(line)
     print(f"results: {out}")
     return 0
 

@@ -729,3 +729,13 @@ def test_a_malformed_claims_file_is_one_line(tmp_path, capsys, claim, message):
     write(tmp_path / "r.json", make_doc())
     rc, out, err = run_cli([str(tmp_path / "r.json"), "--baseline", str(c)], capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_greedy_divergences_are_reported_as_ties_or_bugs(tmp_path, capsys):
+    doc = make_doc("pld", "mt_bench", n=4)
+    doc["summary"]["greedy_identical"] = {"identical": 1, "compared": 4, "numerical_ties": 2}
+    write(tmp_path / "pld.json", doc)
+    rc, out, err = run_cli([str(tmp_path / "pld.json"), "--no-baseline"], capsys)
+    assert rc == 0, err
+    assert "greedy output equals vanilla on 1/4 samples (2 at a numerical tie, 1 not: a losslessness bug)" in " ".join(
+        (out + err).split())

@@ -59,7 +59,7 @@ def test_run_writes_a_complete_versioned_results_file(runner, tmp_path):
         assert key in disk["environment"]
     assert len(disk["samples"]) == 4  # MT-bench: two turns each
     s = doc["summary"]
-    assert s["greedy_identical"] == {"identical": 4, "compared": 4}
+    assert s["greedy_identical"] == {"identical": 4, "compared": 4, "numerical_ties": 0}
     pld = s["pld"]
     assert pld["new_tokens"] == 48 and pld["tau"] == pytest.approx(48 / pld["steps"])
     assert pld["speedup"] == pytest.approx(pld["tokens_per_s"] / s["vanilla"]["tokens_per_s"])

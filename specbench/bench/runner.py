@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..artifacts import check_writable, environment, sha256_bytes, write_json
 from ..decoding import SamplingConfig, generate, make_generator
+from ..decoding.numerics import classify_divergence
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
 from . import metrics, results
@@ -305,11 +306,11 @@ class Runner:
         return samples
 
     def _divergence(self, ids: list[int], ref: list[int], got: list[int]) -> dict:
-        """Where greedy outputs first differ, and the target's top-2 logit gap there (a tie if ~0)."""
+        """Where greedy outputs first differ, the target's top-2 logit gap there and whether that is a
+        numerical tie at the model's dtype (`decoding.numerics`) or a losslessness bug."""
         pos = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
         out = self.target.prefill(ids + ref[:pos])
-        top2 = out.logits[-1].topk(2).values.tolist()
-        return {"position": pos, "top2_logit_gap": top2[0] - top2[1]}
+        return {"position": pos, **classify_divergence(out.logits[-1], self.target.dtype)}
 
     def _hf_generate(self, ids: list[int], sampling: SamplingConfig, cfg: RunConfig) -> dict:
         from ..decoding.loop import Generation, _clock
@@ -345,7 +346,8 @@ class Runner:
                     summary[name]["speedup_vs_hf_generate"] = summary[name]["tokens_per_s"] / hf if hf else None
         greedy = [s["greedy_identical"] for s in doc["samples"] if "greedy_identical" in s]
         if greedy:
-            summary["greedy_identical"] = {"identical": sum(greedy), "compared": len(greedy)}
+            ties = sum(bool(s.get("divergence", {}).get("numerical_tie")) for s in doc["samples"])
+            summary["greedy_identical"] = {"identical": sum(greedy), "compared": len(greedy), "numerical_ties": ties}
         earlier_peak = (doc.get("summary") or {}).get("peak_memory_mb") or 0.0  # a resumed run's first session
         summary["peak_memory_mb"] = max(_peak_memory_mb(self.target.device), earlier_peak)
         doc["summary"] = summary

@@ -203,8 +203,11 @@ def notes(runs: list[Run], cells: list[Cell], rs: RefSet, claim_results: list[di
             out.append(f"warning: {r.source} is a {r.status} run (resume it to finish)")
         g = r.greedy
         if isinstance(g, dict) and g.get("compared") and g.get("identical") != g.get("compared"):
+            ties = g.get("numerical_ties")
+            why = ("see the samples' divergence: a numerical tie or a losslessness bug" if ties is None else
+                   f"{ties} at a numerical tie, {g['compared'] - g['identical'] - ties} not: a losslessness bug")
             out.append(f"warning: {r.source}: greedy output equals vanilla on {g.get('identical')}/{g.get('compared')} "
-                       f"samples (see the samples' divergence: a numerical tie or a losslessness bug)")
+                       f"samples ({why})")
         sb = r.extra.get("specbench_speed")
         if sb:
             out.append(f"{r.source}: Spec-Bench speed.py convention (mean of per-question tokens/s): speedup "
