@@ -4,9 +4,11 @@ decode loop (specbench.decoding.loop.generate) and the real Target.
 * greedy: every method whose drafter can be built without files emits exactly vanilla
   greedy's tokens (a divergence is tolerated only at a numerical tie of the top-2 logits),
   and drafts are actually accepted (prompts are built so that prompt lookup matches);
-* sampling (T=1, and T=0.8 with top-k/top-p): the first two tokens of many short generations
-  follow the EXACT target distribution computed from the model (P(x1), P(x2 | x1) for all 64
-  x1, by uncached forwards), by the same chi-square check as the verifier tests; a test-only
+* sampling (T=1, and T=0.8 with top-k/top-p): the first K_FIRST (4) tokens of many short
+  generations follow the EXACT target distribution computed from the model (P(x_d | x_<d) at
+  every prefix that occurred, by uncached forwards), jointly, by the same sequential check as
+  the verifier tests (`helpers.check_sequence`); mutation tests show it catches drafts
+  mislabelled as sampled and a wrong extra token after two accepted drafts; a test-only
   drafter with sampled tree drafts (i.i.d. siblings, draft distribution q != p) exercises the
   loop's sampled-draft path, which no built-in training-free method uses;
 * beyond the first step (lookahead drafts only after its window warmed up): every token
@@ -24,9 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEVICES, check_emitted, chi_square_check
+from helpers import DEVICES, check_sequence, chi_square_check
 
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
+from specbench.decoding.numerics import classify_divergence
 from specbench.methods import DrafterBase, available_methods, get_method
 from specbench.models.eagle_head import save_eagle_checkpoint
 from specbench.models.target import Target
@@ -36,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = 64
 MAX_NEW_GREEDY = 48
 N_GENERATIONS = 2000  # short generations per sampling test
-TIE_GAP = 1e-4  # top-2 logit gap below which a greedy divergence counts as a numerical tie
+K_FIRST = 4  # their first tokens, checked jointly
+MUTANT_GENERATIONS = 600  # enough for the gross faults of the end-to-end mutation tests
 
 
 # --------------------------------------------------------------------------- model
@@ -94,11 +98,18 @@ def sampling_prompt(model, cfg: SamplingConfig) -> list[int]:
     return prompts[int(score.argmax())]
 
 
-def exact_first_two(model, prompt: list[int], cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's exact P(x1) (V,) and P(x2 | x1) (V, V) after `prompt` under cfg."""
-    p0 = probs(next_logits(model, [prompt])[0], cfg)
-    p1 = probs(next_logits(model, [prompt + [x] for x in range(VOCAB)]), cfg)
-    return p0, p1
+def exact_rows(model, prompt: list[int], emitted: torch.Tensor, cfg: SamplingConfig) -> list[torch.Tensor]:
+    """rows[d] (N, V): the target's exact P(x_d | prompt, x_<d) under cfg for each generation's own
+    tokens, by uncached forwards of the distinct prefixes."""
+    rows = []
+    for d in range(emitted.shape[1]):
+        if d == 0:
+            rows.append(probs(next_logits(model, [prompt]), cfg).expand(len(emitted), -1))
+            continue
+        heads, inverse = torch.unique(emitted[:, :d], dim=0, return_inverse=True)
+        p = probs(next_logits(model, [prompt + h.tolist() for h in heads]), cfg)
+        rows.append(p[inverse.reshape(-1)])
+    return rows
 
 
 # --------------------------------------------------------------------------- drafters
@@ -212,10 +223,11 @@ def assert_same_or_tie(model, prompt: list[int], ref: list[int], got: list[int],
         return
     i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
     assert len(ref) == len(got) or i < min(len(ref), len(got)), f"{what}: lengths {len(got)} vs {len(ref)}"
-    top2 = next_logits(model, [prompt + ref[:i]])[0].topk(2).values
-    gap = float(top2[0] - top2[1])
-    assert gap < TIE_GAP, (f"{what}: token {i} is {got[i]}, vanilla greedy has {ref[i]}; top-2 logit gap {gap:.3g} "
-                           f"is no tie\n  vanilla {ref}\n  method  {got}")
+    verdict = classify_divergence(next_logits(model, [prompt + ref[:i]])[0], next(model.parameters()).dtype)
+    gap = verdict["top2_logit_gap"]
+    assert verdict["numerical_tie"], (f"{what}: token {i} is {got[i]}, vanilla greedy has {ref[i]}; top-2 logit gap "
+                                      f"{gap:.3g} > tie tolerance {verdict['tie_tolerance']:.3g}\n  vanilla {ref}\n"
+                                      f"  method  {got}")
     warnings.warn(f"{what}: numerical tie at token {i} (top-2 logit gap {gap:.2g}); tokens after it not compared",
                   stacklevel=2)
 
@@ -305,12 +317,8 @@ SAMPLINGS = {
 
 
 @pytest.fixture(scope="module")
-def sampling_setups(model):
-    out = {}
-    for key, cfg in SAMPLINGS.items():
-        prompt = sampling_prompt(model, cfg)
-        out[key] = (prompt, *exact_first_two(model, prompt, cfg))
-    return out
+def sampling_prompts(model):
+    return {key: sampling_prompt(model, cfg) for key, cfg in SAMPLINGS.items()}
 
 
 def _sampling_params():
@@ -346,29 +354,41 @@ class Recording:
         self.inner.update(tree, verdict, out)
 
 
+def first_tokens(target, drafter, prompt: list[int], cfg: SamplingConfig, seed: int = 12345, n: int = N_GENERATIONS):
+    """The first K_FIRST tokens of n generations (n, K_FIRST), and per generation the size of its
+    first proposal and the tokens its first step emitted."""
+    generator = make_generator(seed)
+    drafter = Recording(drafter)
+    out, sizes, firsts = [], [], []
+    for _ in range(n):
+        gen = generate(target, drafter, prompt, K_FIRST, cfg, generator, stop_ids=set())
+        assert len(gen.tokens) == K_FIRST
+        out.append(gen.tokens)
+        sizes.append(drafter.sizes[0])
+        firsts.append(gen.steps[0])
+    return torch.tensor(out), sizes, firsts
+
+
 @pytest.mark.parametrize("name,cfg_name", list(_sampling_params()))
-def test_first_two_tokens_follow_target(name, cfg_name, target, sampling_setups, checkpoints):
+def test_first_tokens_follow_target(name, cfg_name, model, target, sampling_prompts, checkpoints):
+    """The first K_FIRST tokens jointly, whatever steps emitted them (`helpers.check_sequence`)."""
     cfg = SAMPLINGS[cfg_name]
-    prompt, p0, p1 = sampling_setups[cfg_name]
-    generator = make_generator(12345)
-    drafter = Recording(build_drafter(name, target, cfg, generator, checkpoints))
-    first2, drafted, accepted = [], 0, 0
-    for _ in range(N_GENERATIONS):
-        gen = generate(target, drafter, prompt, 2, cfg, generator, stop_ids=set())
-        assert len(gen.tokens) == 2
-        first2.append(gen.tokens)
-        drafted += drafter.sizes[0] > 0
-        accepted += gen.steps[0] > 1
-    result = check_emitted(torch.tensor(first2), p0, p1)
-    assert result.ok, f"{name} at {cfg}: {accepted}/{N_GENERATIONS} first steps accepted a draft\n{result}"
-    if drafted:  # methods that draft from the first step on (lookahead warms up: see the next test)
+    prompt = sampling_prompts[cfg_name]
+    drafter = build_drafter(name, target, cfg, make_generator(12345), checkpoints)
+    emitted, sizes, firsts = first_tokens(target, drafter, prompt, cfg)
+    accepted = sum(n > 1 for n in firsts)
+    deep = sum(n > 2 for n in firsts)  # first steps that emitted a third token from the drafts' walk
+    result = check_sequence(emitted, exact_rows(model, prompt, emitted, cfg))
+    assert result.ok, (f"{name} at {cfg}: {accepted}/{N_GENERATIONS} first steps accepted a draft, {deep} two or "
+                       f"more\n{result}")
+    if any(sizes):  # methods that draft from the first step on (lookahead warms up: see the next test)
         assert accepted > N_GENERATIONS // 20, f"{name}: drafts accepted in only {accepted} first steps"
     else:
         assert name in ("vanilla", "lookahead"), f"{name} never drafted in the first step"
 
 
-def test_first_two_token_check_catches_a_head_method_that_mislabels_its_drafts(target, sampling_setups, checkpoints,
-                                                                               monkeypatch):
+def test_first_token_check_catches_a_head_method_that_mislabels_its_drafts(model, target, sampling_prompts,
+                                                                           checkpoints, monkeypatch):
     """Mutation: EAGLE-2's top-k drafts declared as sampled from a uniform q. The sampled verifier then
     accepts a draft with min(1, p/q) instead of p, over-emitting drafted tokens: the check above, run on
     the head method with its test checkpoint, must see it (and passes on the real drafter)."""
@@ -384,13 +404,35 @@ def test_first_two_token_check_catches_a_head_method_that_mislabels_its_drafts(t
         return Proposal(prop.tokens, prop.parents, draft_probs=q, sibling_draws="iid")  # the lie told in full
 
     monkeypatch.setattr(Eagle2Drafter, "propose", mislabelled)
-    cfg = SAMPLINGS["T1"]
-    prompt, p0, p1 = sampling_setups["T1"]
-    generator = make_generator(12345)
-    drafter = build_drafter("eagle2", target, cfg, generator, checkpoints)
-    first2 = [generate(target, drafter, prompt, 2, cfg, generator, stop_ids=set()).tokens
-              for _ in range(N_GENERATIONS)]
-    assert not check_emitted(torch.tensor(first2), p0, p1).ok
+    cfg, prompt = SAMPLINGS["T1"], sampling_prompts["T1"]
+    emitted, _, _ = first_tokens(target, build_drafter("eagle2", target, cfg, make_generator(12345), checkpoints),
+                                 prompt, cfg, n=MUTANT_GENERATIONS)
+    assert not check_sequence(emitted, exact_rows(model, prompt, emitted, cfg)).ok
+
+
+def test_first_token_check_sees_past_the_second_token(model, target, sampling_prompts, checkpoints, monkeypatch):
+    """Mutation: the loop takes a step's extra token from the wrong node once two drafts are accepted
+    (the parent of the last accepted node). Tokens 1-2 stay exact, so only a check that reaches the
+    third token sees it: the two-token check passes on it, the K_FIRST-token check must not."""
+    import specbench.decoding.loop as loop
+    from specbench.decoding import sample
+
+    real = loop.accept
+
+    def off_by_one_node(logits, tree, cfg, draft_probs, generator=None):
+        verdict = real(logits, tree, cfg, draft_probs, generator)
+        if len(verdict.path) >= 2:
+            verdict.token = int(sample(probs(logits[verdict.path[-2]][None], cfg), generator)[0])
+        return verdict
+
+    monkeypatch.setattr(loop, "accept", off_by_one_node)
+    cfg, prompt = SAMPLINGS["T1"], sampling_prompts["T1"]
+    emitted, _, firsts = first_tokens(target, build_drafter("pld", target, cfg, make_generator(12345), checkpoints),
+                                      prompt, cfg, n=MUTANT_GENERATIONS)
+    assert sum(n > 2 for n in firsts) > MUTANT_GENERATIONS // 20  # the fault is reached
+    rows = exact_rows(model, prompt, emitted, cfg)
+    assert check_sequence(emitted[:, :2], rows[:2]).ok
+    assert not check_sequence(emitted, rows).ok
 
 
 # Beyond the first step: every emitted token x_t must follow p_t = p(. | prompt, x_<t).  With
@@ -448,9 +490,9 @@ def _pit(p: torch.Tensor, x: int, first: list[int], rnd: float) -> float:
 
 
 @pytest.mark.parametrize("name", list(_pit_params()))
-def test_drafted_steps_follow_target(name, model, target, sampling_setups, checkpoints):
+def test_drafted_steps_follow_target(name, model, target, sampling_prompts, checkpoints):
     cfg = SAMPLINGS["T1"]
-    prompt = sampling_setups["T1"][0]
+    prompt = sampling_prompts["T1"]
     generator = make_generator(777)
     drafter = Recording(build_drafter(name, target, cfg, generator, checkpoints))
     seqs, picks, accepted = [], [], 0
