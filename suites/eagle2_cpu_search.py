@@ -43,8 +43,14 @@ from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from specbench.decoding import SamplingConfig, generate
 from specbench.logs import configure
 from specbench.methods.base import DrafterBase
-from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, default_checkpoint_dir, parse_tree, resolve_head
-from specbench.models.eagle_head import checkpoint_sha256
+from specbench.methods.head_drafters import (
+    DynamicTreeDrafter,
+    StaticTreeDrafter,
+    default_checkpoint_dir,
+    parse_tree,
+    resolve_head,
+)
+from specbench.models.draft_heads import checkpoint_sha256
 from specbench.models.target import Target
 
 QUESTIONS = DATA_DIR / "spec_bench" / "question.jsonl"
@@ -183,14 +189,14 @@ def main(argv=None) -> int:
     result["prompt_ids"] = [q for q, _ in prompts]
     log(f"target {target.name}, head {ckpt}, threads {torch.get_num_threads()}, prompts {result['prompt_ids']}")
     timed(target, DrafterBase(), prompts[0][1], 8)  # warm-up
-    timed(target, Eagle2Drafter(head, 4, 10, 16), prompts[0][1], 8)
+    timed(target, DynamicTreeDrafter(head, 4, 10, 16), prompts[0][1], 8)
     done = {(s["depth"], s["total_tokens"], s["top_k"], s["draft_vocab"]) for s in result["settings"]}
     for depth, total, k, dv in grid:
         if (depth, total, k, dv) in done:
             continue
         entry = {"depth": depth, "total_tokens": total, "top_k": k, "draft_vocab": dv,
                  "loadavg_1min": os.getloadavg()[0],
-                 **measure(target, partial(Eagle2Drafter, head, depth, k, total, draft_vocab=dv), prompts,
+                 **measure(target, partial(DynamicTreeDrafter, head, depth, k, total, draft_vocab=dv), prompts,
                             args.max_new)}
         result["settings"].append(entry)
         log(f"depth={depth} total={total} top_k={k} vocab={dv}: tau={entry['tau']:.2f} "
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
             if (tree, dv) in done_trees:
                 continue
             entry = {"tree": tree, "draft_vocab": dv, "loadavg_1min": os.getloadavg()[0],
-                     **measure(target, partial(EagleDrafter, head, parse_tree(tree), draft_vocab=dv), prompts,
+                     **measure(target, partial(StaticTreeDrafter, head, parse_tree(tree), draft_vocab=dv), prompts,
                                args.max_new)}
             result.setdefault("eagle_reference", []).append(entry)
             log(f"EAGLE tree={tree} vocab={dv}: tau={entry['tau']:.2f} speedup median={entry['speedup_median']:.3f}")

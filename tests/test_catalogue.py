@@ -14,7 +14,7 @@ from specbench.bench import compare as C
 from specbench.bench import specbench_jsonl as SB
 from specbench.methods import Identity, Method, available_methods, catalogue
 
-PAPER_ONLY = {"hass", "fspad", "tvdpp", "kld", "tvd", "sps", "medusa", "hydra"}
+PAPER_ONLY = {"fspad", "tvdpp", "kld", "tvd", "sps", "medusa", "hydra"}
 
 
 def test_registered_methods_take_their_identity_from_the_catalogue():
@@ -46,7 +46,7 @@ def test_aliases_are_unambiguous_and_case_insensitive():
 
 
 def test_checkpoints_live_on_the_method():
-    import specbench.methods.eagle as E
+    import specbench.methods.head_drafters as E
 
     m = available_methods()
     assert m["eagle"].needs_checkpoint and m["eagle2"].needs_checkpoint
@@ -63,8 +63,8 @@ def test_checkpoints_live_on_the_method():
 def test_a_method_without_its_own_default_head_never_loads_another_methods():
     from helpers import tiny_target
 
-    import specbench.methods.eagle as E
-    from specbench.models.eagle_head import CheckpointError
+    import specbench.methods.head_drafters as E
+    from specbench.models.draft_heads import CheckpointError
 
     target = tiny_target(name="smollm2-135m")  # named as the embedded target, whose committed head is EAGLE's
     with pytest.raises(CheckpointError, match="method hass needs a draft checkpoint .*no committed default head"):

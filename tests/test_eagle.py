@@ -15,9 +15,17 @@ from specbench.decoding.tree import Tree
 from specbench.decoding.verify import Verdict, verify_tree_deterministic
 from specbench.errors import UsageError
 from specbench.methods.base import get_method
-from specbench.methods.eagle import EAGLE, EAGLE2, MC_SIM_7B_63, Eagle2Drafter, EagleDrafter, parse_tree, resolve_head
+from specbench.methods.eagle import EAGLE, EAGLE2
+from specbench.methods.head_drafters import (
+    MC_SIM_7B_63,
+    DynamicTreeDrafter,
+    StaticTreeDrafter,
+    parse_tree,
+    resolve_head,
+)
 from specbench.methods.vanilla import METHOD as VANILLA
-from specbench.models.eagle_head import CheckpointError, EagleHead, load_eagle_checkpoint, save_eagle_checkpoint
+from specbench.models.draft_heads import CheckpointError, load_head, save_head
+from specbench.models.eagle_head import EagleHead
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -170,7 +178,7 @@ def test_head_gradients_reach_only_draft_weights():
 def test_official_format_loads(tmp_path, target, fmt, fc_bias):
     src = make_head(target, fc_bias=fc_bias)
     official_files(src, target, tmp_path / "ck", fmt, fc_bias=fc_bias)
-    loaded = load_eagle_checkpoint(tmp_path / "ck", target)
+    loaded = load_head(tmp_path / "ck", target, "eagle").head
     assert loaded.fc_bias == fc_bias
     assert torch.allclose(head_out(loaded), head_out(src), atol=1e-6)
     assert set(loaded.state_dict()) == set(src.state_dict())
@@ -178,7 +186,7 @@ def test_official_format_loads(tmp_path, target, fmt, fc_bias):
 
 def test_official_format_without_embedding_copy_loads(tmp_path, target, head):
     official_files(head, target, tmp_path / "ck", "safetensors", embed=False)
-    assert torch.allclose(head_out(load_eagle_checkpoint(tmp_path / "ck", target)), head_out(head), atol=1e-6)
+    assert torch.allclose(head_out(load_head(tmp_path / "ck", target, "eagle").head), head_out(head), atol=1e-6)
 
 
 def test_fp16_checkpoint_loads_into_fp32_target(tmp_path, target, head):
@@ -186,20 +194,20 @@ def test_fp16_checkpoint_loads_into_fp32_target(tmp_path, target, head):
         for k in sd:
             sd[k] = sd[k].half()
     official_files(head, target, tmp_path / "ck", "bin", edit_sd=to_half)
-    loaded = load_eagle_checkpoint(tmp_path / "ck", target)
+    loaded = load_head(tmp_path / "ck", target, "eagle").head
     assert loaded.fc.weight.dtype == torch.float32
     assert torch.allclose(head_out(loaded), head_out(head), atol=5e-2)
 
 
 def test_round_trip(tmp_path, target, head):
-    save_eagle_checkpoint(head, tmp_path / "rt", extra_config={"specbench": {"target": "tiny"}})
+    save_head(head, "eagle", tmp_path / "rt", extra_config={"specbench": {"target": "tiny"}})
     cfg = json.loads((tmp_path / "rt" / "config.json").read_text())
     assert cfg["bias"] is True and cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == H
     assert cfg["vocab_size"] == V and cfg["rope_theta"] == 10000.0 and cfg["specbench"] == {"target": "tiny"}
     from safetensors.torch import load_file
 
     assert set(load_file(str(tmp_path / "rt" / "model.safetensors"))) == set(head.state_dict())
-    loaded = load_eagle_checkpoint(tmp_path / "rt", target)
+    loaded = load_head(tmp_path / "rt", target, "eagle").head
     for k, v in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert torch.equal(head_out(loaded), head_out(head))
@@ -209,7 +217,7 @@ def _expect_error(tmp_path, target, head, *must_contain, **kw):
     d = tmp_path / "bad"
     official_files(head, target, d, kw.pop("fmt", "safetensors"), **kw)
     with pytest.raises(CheckpointError) as err:
-        load_eagle_checkpoint(d, target)
+        load_head(d, target, "eagle")
     msg = str(err.value)
     for s in must_contain:
         assert s in msg, msg
@@ -259,7 +267,7 @@ def test_missing_weights_and_default_checkpoint(tmp_path, target):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps({"hidden_size": H, "vocab_size": V}))
     with pytest.raises(CheckpointError, match="no draft weights"):
-        load_eagle_checkpoint(tmp_path / "empty", target)
+        load_head(tmp_path / "empty", target, "eagle")
     for name in ("eagle", "eagle2"):
         m = get_method(name)
         with pytest.raises(CheckpointError, match=f"method {name} needs a draft checkpoint for tiny: pass --param "
@@ -268,7 +276,7 @@ def test_missing_weights_and_default_checkpoint(tmp_path, target):
 
 
 def test_checkpoint_param_path(tmp_path, target, head):
-    save_eagle_checkpoint(head, tmp_path / "ck")
+    save_head(head, "eagle", tmp_path / "ck")
     d = EAGLE2.drafter(target, SamplingConfig(), None, **EAGLE2.params({"checkpoint": str(tmp_path / "ck")}))
     assert torch.equal(head_out(d.head), head_out(head))
     import hashlib
@@ -279,10 +287,10 @@ def test_checkpoint_param_path(tmp_path, target, head):
 
 @pytest.mark.parametrize("params, message", [
     ({"draft_vocab": "-5"}, "draft_vocab must be >= 0"),
-    ({"depth": "0"}, "eagle2 needs depth >= 1"),
+    ({"depth": "0"}, "the dynamic tree needs depth >= 1"),
 ])
 def test_bad_head_parameters_are_one_usage_error(tmp_path, target, head, params, message):
-    save_eagle_checkpoint(head, tmp_path / "ck")
+    save_head(head, "eagle", tmp_path / "ck")
     with pytest.raises(UsageError, match=message):
         EAGLE2.drafter(target, SamplingConfig(), None, **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), **params}))
 
@@ -301,7 +309,7 @@ def test_checkpoint_param_naming_a_file_is_refused(tmp_path, target):
 def test_static_tree_is_eagle_mc_sim_7b_63(target, head):
     paths = parse_tree("mc_sim_7b_63")
     assert len(paths) == 25 and max(map(len, paths)) == 5  # 25 drafts + root = 26 nodes, 5 draft levels
-    d = EagleDrafter(head, paths)
+    d = StaticTreeDrafter(head, paths)
     d.begin(PROMPT, target.prefill(PROMPT[:-1]))
     prop = d.propose(PROMPT)
     tree = Tree(PROMPT[-1], prop)
@@ -357,7 +365,7 @@ def proposal_paths(tree: Tree) -> dict:
 
 @pytest.mark.parametrize("depth,k,total", [(6, 10, 60), (4, 3, 9), (3, 5, 100)])
 def test_dynamic_tree_matches_naive_eagle2(target, head, depth, k, total):
-    d = Eagle2Drafter(head, depth, k, total)
+    d = DynamicTreeDrafter(head, depth, k, total)
     seq = PROMPT + [1, 2, 3]
     d.begin(seq, target.prefill(seq[:-1]))
     tree = Tree(seq[-1], d.propose(seq))
@@ -381,7 +389,7 @@ def test_dynamic_tree_matches_naive_eagle2(target, head, depth, k, total):
 def test_static_tree_matches_naive(target, head):
     seq = PROMPT + [8]
     paths = parse_tree("mc_sim_7b_63")
-    d = EagleDrafter(head, paths)
+    d = StaticTreeDrafter(head, paths)
     d.begin(seq, target.prefill(seq[:-1]))
     tree = Tree(seq[-1], d.propose(seq))
     tf = _naive_tokens_feats(target, seq)
@@ -406,8 +414,8 @@ def test_static_tree_matches_naive(target, head):
 def test_kv_refresh_equals_fresh_recompute(target, head, method):
     """After every step the head's cached state equals a fresh forward over the whole sequence with the
     target's real features; the target's own KV cache is untouched by drafting."""
-    d = (EagleDrafter(head, parse_tree("mc_sim_7b_63")) if method == "eagle"
-         else Eagle2Drafter(head, 4, 4, 12))
+    d = (StaticTreeDrafter(head, parse_tree("mc_sim_7b_63")) if method == "eagle"
+         else DynamicTreeDrafter(head, 4, 4, 12))
     seq = list(PROMPT)
     d.begin(seq, target.prefill(seq[:-1]))
     accepted = 0
@@ -545,11 +553,11 @@ def test_one_token_prompt_and_resolve_head(target, head):
         gen = generate(target, d, [4], 20, SamplingConfig(), None, stop_ids=set())
         assert gen.tokens == vanilla_tokens(target, [4], 20)
         assert gen.steps[0] == 1  # nothing to draft from before the first target feature exists
-    assert resolve_head("eagle", target, head) is head
+    assert resolve_head("eagle", target, head).head is head
 
 
 def test_draft_vocab_grows_with_the_sequence(target, head):
-    d = Eagle2Drafter(head, 3, 4, 12, draft_vocab=8)
+    d = DynamicTreeDrafter(head, 3, 4, 12, draft_vocab=8)
     gen = generate(target, d, PROMPT, 30, SamplingConfig(), None, stop_ids=set())
     assert gen.tokens == vanilla_tokens(target, PROMPT, 30)
     vocab = set(d._vocab_ids.tolist())
@@ -560,7 +568,7 @@ def test_draft_vocab_grows_with_the_sequence(target, head):
 
 
 def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
-    save_eagle_checkpoint(head, tmp_path / "ck")
+    save_head(head, "eagle", tmp_path / "ck")
     (tmp_path / "ck" / "draft_vocab.json").write_text(json.dumps(list(range(V - 1, -1, -1))))
     d = EAGLE2.drafter(target, SamplingConfig(), None,
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
@@ -584,7 +592,7 @@ def test_eager_and_sdpa_heads_agree(target, head):
 
 def test_draft_vocab_file_lists_some_ids_only(tmp_path, target, head):
     """Ids a frequency list does not name follow it in id order, so draft_vocab=N always has N base ids."""
-    save_eagle_checkpoint(head, tmp_path / "ck")
+    save_head(head, "eagle", tmp_path / "ck")
     (tmp_path / "ck" / "draft_vocab.json").write_text(json.dumps([9, 5]))
     d = EAGLE2.drafter(target, SamplingConfig(), None,
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))

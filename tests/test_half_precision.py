@@ -54,7 +54,7 @@ def head_params(fp32_target, tmp_path_factory):
         method = get_method(name)
         if not method.needs_checkpoint:
             return {}
-        arch = method.identity.draft_of or name
+        arch = method.identity.head or name
         if arch not in made:
             d = tmp_path_factory.mktemp(f"{arch}-head")
             CHECKPOINT_BUILDERS[arch](fp32_target, d)

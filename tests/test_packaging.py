@@ -43,7 +43,7 @@ def test_installed_wheel_finds_its_default_head_and_prompts_outside_the_source_t
     probe = (
         "import json, specbench\n"
         "from specbench.methods import available_methods\n"
-        "from specbench.methods.eagle import default_checkpoint_dir\n"
+        "from specbench.methods.head_drafters import default_checkpoint_dir\n"
         "from specbench.bench.datasets import load_prompts\n"
         "d = default_checkpoint_dir()\n"
         "print(json.dumps({'package': specbench.__file__, 'head': str(d),\n"

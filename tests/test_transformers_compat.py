@@ -23,7 +23,7 @@ from specbench.decoding import SamplingConfig, Tree, generate
 from specbench.decoding.tree import Proposal
 from specbench.decoding.verify import Verdict
 from specbench.methods.base import get_method
-from specbench.methods.eagle import Eagle2Drafter, EagleDrafter, parse_tree
+from specbench.methods.head_drafters import DynamicTreeDrafter, StaticTreeDrafter, parse_tree
 from specbench.models.eagle_head import EagleHead
 from specbench.models.hf_compat import cache_kwargs
 from specbench.models.target import Target
@@ -101,8 +101,8 @@ def _draft_steps(target: Target, drafter, steps: int = 3) -> None:
 def test_decode_emits_no_deprecation_warnings(target, head):
     with deprecations() as found:
         _decode_by_hand(target)
-        _draft_steps(target, EagleDrafter(head, parse_tree("cpu_10")))
-        _draft_steps(target, Eagle2Drafter(head, 3, 4, 8))
+        _draft_steps(target, StaticTreeDrafter(head, parse_tree("cpu_10")))
+        _draft_steps(target, DynamicTreeDrafter(head, 3, 4, 8))
         for name in ("vanilla", "pld"):
             m = get_method(name)
             generate(target, m.drafter(target, SamplingConfig(), None, **m.params({})), PROMPT, 8,

@@ -31,6 +31,7 @@ class Identity:
     aliases: tuple[str, ...] = ()  # other spellings (lower case), e.g. Spec-Bench's "lade" for lookahead
     needs_checkpoint: bool = False  # drafts with trained weights (a `checkpoint` parameter)
     draft_of: str | None = None  # whose published drafts it runs, when not its own (EAGLE-2 runs EAGLE heads)
+    head: str | None = None  # the draft-head architecture its checkpoints hold (specbench.models.draft_heads)
     default_checkpoint: DefaultCheckpoint | None = None
 
     @property
@@ -50,11 +51,11 @@ KNOWN: tuple[Identity, ...] = (
     Identity("sps", needs_checkpoint=True),
     Identity("medusa", needs_checkpoint=True),
     Identity("hydra", needs_checkpoint=True),
-    Identity("eagle", needs_checkpoint=True, default_checkpoint=_SMOLLM_HEAD),
-    Identity("eagle2", aliases=("eagle-2",), needs_checkpoint=True, draft_of="eagle",
+    Identity("eagle", needs_checkpoint=True, head="eagle", default_checkpoint=_SMOLLM_HEAD),
+    Identity("eagle2", aliases=("eagle-2",), needs_checkpoint=True, draft_of="eagle", head="eagle",
              default_checkpoint=_SMOLLM_HEAD),
-    Identity("hass", needs_checkpoint=True),
-    Identity("fspad", needs_checkpoint=True),
+    Identity("hass", needs_checkpoint=True, head="eagle"),  # EAGLE's architecture, trained differently
+    Identity("fspad", needs_checkpoint=True, head="fspad"),
     Identity("kld", needs_checkpoint=True),
     Identity("tvd", needs_checkpoint=True),
     Identity("tvdpp", needs_checkpoint=True),

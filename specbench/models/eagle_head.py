@@ -18,71 +18,33 @@ The frozen embedding and LM head are the target's own modules, referenced, not r
 layers.0.*), which are exactly the keys of an EAGLE checkpoint, and `head.to(...)` does not
 move the target's modules (they live wherever the target is).
 
-Checkpoint format (official EAGLE checkpoints for Vicuna / LLaMA2-Chat / LLaMA3-Instruct):
-a directory with `config.json` (a Llama config of the one-layer draft: hidden_size,
-vocab_size, intermediate_size, heads, rms_norm_eps, rope_theta, ... plus `bias`, the fc bias
-flag, default True) and `pytorch_model.bin` or `model.safetensors` with the keys
+Checkpoint format (official EAGLE checkpoints for Vicuna / LLaMA2-Chat / LLaMA3-Instruct), read and
+written by `draft_heads.load_head` / `save_head` as architecture ``eagle``: `config.json` (a Llama
+config of the one-layer draft: hidden_size, vocab_size, intermediate_size, heads, rms_norm_eps,
+rope_theta, ... plus `bias`, the fc bias flag, default True) and weights with the keys
 
     fc.weight, fc.bias (when bias), layers.0.self_attn.{q,k,v,o}_proj.weight,
     layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight
 
-(no layers.0.input_layernorm).  Official checkpoints also carry `embed_tokens.weight`, a copy
-of the target's embedding saved by EAGLE's trainer: it is accepted, checked against the
-target's embedding (shape, and values to a relative tolerance: a head trained for another
-target is refused) and then dropped: the target's own embedding is used.  Loading is strict:
-any other missing or unexpected key, a shape, hidden-size or vocab mismatch is a
-`CheckpointError` naming the key/size.
+(no layers.0.input_layernorm).  Official checkpoints also carry `embed_tokens.weight`, a copy of
+the target's embedding saved by EAGLE's trainer: checked against the target's and dropped.  A
+hidden-size or vocab mismatch with the target is a `CheckpointError` naming both sizes.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..artifacts import atomic_path, sha256_file, write_text
-from ..errors import SpecbenchError
+from .draft_heads import CheckpointError, HeadArch, target_parts
 from .hf_compat import cache_kwargs
 
-__all__ = [
-    "CheckpointError",
-    "EagleHead",
-    "load_eagle_checkpoint",
-    "save_eagle_checkpoint",
-    "read_checkpoint_config",
-    "checkpoint_sha256",
-]
+__all__ = ["EAGLE_ARCH", "EagleHead"]
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 EMBED_KEY = "embed_tokens.weight"
-# Relative Frobenius distance allowed between a checkpoint's embed_tokens copy and the
-# target's embedding (covers fp16/bf16 storage and GGUF re-quantisation of the same weights).
-EMBED_RTOL = 2e-2
-# Optional file of an EAGLE checkpoint directory: token ids, most frequent first (written by training;
-# ranks the drafters' reduced draft vocabulary).
-DRAFT_VOCAB_FILE = "draft_vocab.json"
-
-
-class CheckpointError(SpecbenchError):
-    """A draft checkpoint is missing, malformed, or does not match the target."""
 
 
 # ------------------------------------------------------------------ target access
-
-
-def _target_parts(target) -> tuple[Any, nn.Embedding, nn.Linear, Any]:
-    """(config, embed_tokens, lm_head, decoder body) of a specbench Target or an HF causal LM."""
-    model = getattr(target, "model", None)
-    if model is not None and hasattr(target, "body") and hasattr(target, "head"):
-        return target.config, model.get_input_embeddings(), target.head, target.body
-    if hasattr(target, "get_input_embeddings") and hasattr(target, "get_output_embeddings"):
-        body = target.get_decoder() if hasattr(target, "get_decoder") else None
-        return target.config, target.get_input_embeddings(), target.get_output_embeddings(), body
-    raise TypeError(f"expected a specbench Target or a transformers causal LM, got {type(target).__name__}")
 
 
 def _layer_classes(config, body):
@@ -160,7 +122,7 @@ class EagleHead(nn.Module):
     @classmethod
     def for_target(cls, target, fc_bias: bool = True, config=None) -> EagleHead:
         """A randomly initialised head for `target` (a specbench Target or an HF causal LM)."""
-        tcfg, embed, lm_head, body = _target_parts(target)
+        tcfg, embed, lm_head, body = target_parts(target)
         layer_cls, rotary_cls = _layer_classes(tcfg, body)
         return cls(config if config is not None else tcfg, embed, lm_head, fc_bias,
                    layer_cls=layer_cls, rotary_cls=rotary_cls)
@@ -237,6 +199,14 @@ class EagleHead(nn.Module):
         b = self._lm_head.bias.detach() if getattr(self._lm_head, "bias", None) is not None else None
         return torch.nn.functional.linear(predicted_features.to(w.dtype), w, b)
 
+    def token_features(self, out: torch.Tensor) -> torch.Tensor:
+        """EAGLE's output is one predicted feature: it scores the next token ..."""
+        return out
+
+    def next_features(self, out: torch.Tensor) -> torch.Tensor:
+        """... and is fed to the next draft depth."""
+        return out
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """fc.* and layers.0.* (EAGLE checkpoint key names); no embedding, no LM head."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("fc.", "layers.0."))}
@@ -245,146 +215,33 @@ class EagleHead(nn.Module):
         return {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
 
 
-# ------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------ the architecture record
 
 
-def _weights_file(d: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (d / name).is_file():
-            return d / name
-    raise CheckpointError(f"no draft weights in {d}: expected one of {', '.join(WEIGHT_FILES)} "
-                          "(EAGLE format); train one with `specbench train --method eagle ...`")
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> dict:
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"draft checkpoint {d} is not a directory (expected config.json + "
-                              "model.safetensors or pytorch_model.bin)")
-    cfg_file = d / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"draft checkpoint {d} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {cfg_file}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file} is not a JSON object")
-    return cfg
-
-
-def _read_weights(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(f), device="cpu")
-        else:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - many loader error types, one clear message
-        raise CheckpointError(f"cannot read draft weights {f}: {type(e).__name__}: {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{f} is not a flat state dict of tensors")
-    return sd
-
-
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """sha256 of the checkpoint's weight file (what results files record as the draft hash)."""
-    return sha256_file(_weights_file(Path(path)))
-
-
-def _what_to_do(target_name: str) -> str:
-    who = f" for {target_name}" if target_name else ""
-    return f"use a draft checkpoint trained{who} (or train one with `specbench train --method eagle ...`)"
-
-
-def load_eagle_checkpoint(path: str | os.PathLike, target) -> EagleHead:
-    """Load an EAGLE-format draft head for `target` (a specbench Target or an HF causal LM), strictly."""
-    d = Path(path)
-    cfg_dict = read_checkpoint_config(d)
-    tcfg, embed, lm_head, body = _target_parts(target)
+def _build(target, cfg_dict: dict | None) -> EagleHead:
+    """A random EAGLE head for `target`, shaped by an EAGLE config.json dict (None: the target's own config)."""
+    if cfg_dict is None:
+        return EagleHead.for_target(target)
+    tcfg, embed, lm_head, body = target_parts(target)
     tname = getattr(target, "name", "") or getattr(tcfg, "_name_or_path", "") or "the target"
-    t_hidden, t_vocab = int(embed.weight.shape[1]), int(lm_head.weight.shape[0])
-    for key in ("hidden_size", "vocab_size"):
+    t_sizes = {"hidden_size": int(embed.weight.shape[1]), "vocab_size": int(lm_head.weight.shape[0])}
+    for key, size in t_sizes.items():
         if key not in cfg_dict:
-            raise CheckpointError(f"{d / 'config.json'} has no {key}; an EAGLE draft config needs it")
-    if int(cfg_dict["hidden_size"]) != t_hidden:
-        raise CheckpointError(f"draft checkpoint {d} has hidden_size {cfg_dict['hidden_size']} but {tname} has "
-                              f"{t_hidden}; {_what_to_do(tname)}")
-    if int(cfg_dict["vocab_size"]) != t_vocab:
-        raise CheckpointError(f"draft checkpoint {d} has vocab_size {cfg_dict['vocab_size']} but {tname} has "
-                              f"{t_vocab}; {_what_to_do(tname)}")
-    fc_bias = bool(cfg_dict.get("bias", True))
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("bias", "architectures", "auto_map")}
+            raise CheckpointError(f"the EAGLE draft config has no {key}")
+        if int(cfg_dict[key]) != size:
+            raise CheckpointError(f"draft checkpoint has {key} {cfg_dict[key]} but {tname} has {size}; use a draft "
+                                  f"checkpoint trained for {tname} (or train one with `specbench train ...`)")
+    clean = {k: v for k, v in cfg_dict.items() if k not in ("bias", "architectures", "auto_map", "specbench_head")}
     try:
         cfg = tcfg.__class__(**clean)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot build the draft layer from {d / 'config.json'}: {type(e).__name__}: {e}") from e
-    layer_cls, rotary_cls = _layer_classes(tcfg, body)
-    with torch.device("meta"):
-        probe = EagleHead(cfg, _meta_like(embed), _meta_like(lm_head), fc_bias,
-                          layer_cls=layer_cls, rotary_cls=rotary_cls)
-    expected = probe.expected_keys()
-    del probe
-
-    wfile = _weights_file(d)
-    sd = _read_weights(wfile)
-    if EMBED_KEY in sd:
-        _check_embedding(sd.pop(EMBED_KEY), embed.weight, wfile, tname)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected key(s): {', '.join(unexpected)}")
-        hint = ""
-        if any(k == "fc.bias" for k in missing + unexpected):
-            hint = f" (config.json says bias={fc_bias}; the fc.bias key must agree)"
-        raise CheckpointError(f"draft checkpoint {wfile} does not match an EAGLE head{hint}: " + "; ".join(parts)
-                              + f"; {_what_to_do(tname)}")
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs expected {shape}" for k, shape in expected.items()
-           if tuple(sd[k].shape) != shape]
-    if bad:
-        raise CheckpointError(f"draft checkpoint {wfile} has wrong shapes ({'; '.join(bad)}); "
-                              f"its config.json does not describe its weights")
-
-    head = EagleHead(cfg, embed, lm_head, fc_bias, layer_cls=layer_cls, rotary_cls=rotary_cls)
-    dtype = embed.weight.dtype
-    head.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
-    head.eval()
-    head.requires_grad_(False)
-    head.source = str(d)
-    return head
+        raise CheckpointError(f"cannot build the EAGLE draft layer from its config.json: "
+                              f"{type(e).__name__}: {e}") from e
+    return EagleHead.for_target(target, fc_bias=bool(cfg_dict.get("bias", True)), config=cfg)
 
 
-def _meta_like(mod: nn.Module) -> nn.Module:
-    w = mod.weight
-    if isinstance(mod, nn.Embedding):
-        return nn.Embedding(w.shape[0], w.shape[1], device="meta", dtype=w.dtype)
-    return nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
-
-
-def _check_embedding(ckpt: torch.Tensor, ref: torch.Tensor, wfile: Path, tname: str) -> None:
-    if tuple(ckpt.shape) != tuple(ref.shape):
-        raise CheckpointError(f"{wfile}: {EMBED_KEY} has shape {tuple(ckpt.shape)} but {tname}'s embedding is "
-                              f"{tuple(ref.shape)}; {_what_to_do(tname)}")
-    a = ckpt.detach().to("cpu", torch.float32)
-    b = ref.detach().to("cpu", torch.float32)
-    rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
-    if not rel <= EMBED_RTOL:
-        raise CheckpointError(f"{wfile}: {EMBED_KEY} differs from {tname}'s embedding (relative distance "
-                              f"{rel:.3g} > {EMBED_RTOL}): the head was trained for another target; "
-                              f"{_what_to_do(tname)}")
-
-
-def save_eagle_checkpoint(head: EagleHead, path: str | os.PathLike, extra_config: dict | None = None) -> None:
-    """Write `config.json` + `model.safetensors` (EAGLE format, no embedding) atomically into `path`."""
-    from safetensors.torch import save_file
-
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
+def _config(head: EagleHead) -> dict:
+    """config.json of an EAGLE checkpoint (what EAGLE's EConfig reads, plus `bias`)."""
     cfg = head.config.to_dict()
     for k in ("_attn_implementation", "_attn_implementation_autoset", "_name_or_path", "dtype", "torch_dtype",
               "id2label", "label2id", "quantization_config"):
@@ -396,19 +253,19 @@ def save_eagle_checkpoint(head: EagleHead, path: str | os.PathLike, extra_config
     if isinstance(rope, dict) and "rope_theta" in rope:
         cfg["rope_theta"] = rope["rope_theta"]  # the key EAGLE's EConfig (transformers 4.x) reads
     cfg["torch_dtype"] = str(next(head.parameters()).dtype).removeprefix("torch.")
-    if extra_config:
-        cfg.update(extra_config)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in head.trainable_state_dict().items()}
-    cfg_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    with atomic_path(d / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    write_text(d / "config.json", cfg_text)
-    stale = d / "pytorch_model.bin"
-    if stale.exists():
-        stale.unlink()  # model.safetensors is now the one weight file
+    return cfg
 
 
 def _arch_name(head: EagleHead) -> str:
     mt = getattr(head.config, "model_type", "llama") or "llama"
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
         mt, "LlamaForCausalLM")
+
+
+EAGLE_ARCH = HeadArch(
+    "eagle", _build, _config,
+    copies={EMBED_KEY: lambda target: target_parts(target)[1].weight},
+    key_hint=lambda cfg, keys: (f" (config.json says bias={bool(cfg.get('bias', True))}; the fc.bias key must agree)"
+                                if "fc.bias" in keys else ""),
+    description="EAGLE-1/2 head: fc(cat(embed, feature)) -> one decoder layer of the target's architecture",
+)
