@@ -31,7 +31,7 @@ from helpers import DEVICES, check_sequence, chi_square_check
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator, probs
 from specbench.decoding.numerics import classify_divergence
 from specbench.methods import DrafterBase, available_methods, get_method
-from specbench.models.eagle_head import save_eagle_checkpoint
+from specbench.models.draft_heads import save_head
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,9 +118,8 @@ def _distilled_eagle_checkpoint(target, d: Path) -> None:
     """An EAGLE head fitted in ~100 steps (a few seconds) to the tiny target's own T=1 text, with the
     project's loss: any weights keep decoding lossless, but only a head that drafts what the target
     says gets drafts accepted, which the sampling tests need to be more than vacuous."""
-    from specbench.training.eagle import LossConfig, build_head, frozen_lm_head_fn, make_loss_fn
+    from specbench.training.eagle import EagleOptions, EagleTask
     from specbench.training.features import target_hidden_states
-    from specbench.training.trainer import make_batch
 
     model = target.model
     with torch.random.fork_rng(devices=[]):
@@ -133,19 +132,19 @@ def _distilled_eagle_checkpoint(target, d: Path) -> None:
             hidden = target_hidden_states(model, ids)
         rows = [{"input_ids": ids[i], "loss_mask": torch.ones(ids.shape[1]), "hidden": hidden[i]}
                 for i in range(len(ids))]
-        head = build_head(model, seed=0)
-        loss_fn = make_loss_fn(frozen_lm_head_fn(model.get_output_embeddings()), LossConfig())
-        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-2)
+        task = EagleTask(EagleOptions(embed_init_scale=1.0))
+        head = task.make_head(model, seed=0)
+        opt = torch.optim.AdamW(task.trainable(head), lr=1e-2)
         for step in range(100):
-            loss = loss_fn(head, make_batch(rows[(step * 8) % 64:(step * 8) % 64 + 8]))["loss"]
+            loss = task.loss(head, task.collate(rows[(step * 8) % 64:(step * 8) % 64 + 8]))["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
-    save_eagle_checkpoint(head.eval(), d)
+    save_head(head.eval(), "eagle", d)
 
 
 # Losslessness must hold for any draft weights, so a checkpoint made here for the tiny target drives a
-# head method's whole path. Keyed by draft architecture (`Identity.draft_of`, else the method's name):
+# head method's whole path. Keyed by draft-head architecture (`Identity.head`, else the method's name):
 # a registered method that needs a checkpoint of an architecture missing here fails, never skips.
 CHECKPOINT_BUILDERS = {"eagle": _distilled_eagle_checkpoint}
 
@@ -159,7 +158,7 @@ def checkpoints(target, tmp_path_factory):
         method = get_method(name)
         if not method.needs_checkpoint:
             return {}
-        arch = method.identity.draft_of or name
+        arch = method.identity.head or name
         if arch not in CHECKPOINT_BUILDERS:
             pytest.fail(f"{name} needs a draft checkpoint ({arch}) and this test cannot make one for the tiny "
                         "target: add a builder to CHECKPOINT_BUILDERS")
@@ -392,9 +391,9 @@ def test_first_token_check_catches_a_head_method_that_mislabels_its_drafts(model
     """Mutation: EAGLE-2's top-k drafts declared as sampled from a uniform q. The sampled verifier then
     accepts a draft with min(1, p/q) instead of p, over-emitting drafted tokens: the check above, run on
     the head method with its test checkpoint, must see it (and passes on the real drafter)."""
-    from specbench.methods.eagle import Eagle2Drafter
+    from specbench.methods.head_drafters import DynamicTreeDrafter
 
-    real = Eagle2Drafter.propose
+    real = DynamicTreeDrafter.propose
 
     def mislabelled(self, tokens):
         prop = real(self, tokens)
@@ -403,7 +402,7 @@ def test_first_token_check_catches_a_head_method_that_mislabels_its_drafts(model
         q = torch.full((len(prop.tokens), VOCAB), 1.0 / VOCAB)
         return Proposal(prop.tokens, prop.parents, draft_probs=q, sibling_draws="iid")  # the lie told in full
 
-    monkeypatch.setattr(Eagle2Drafter, "propose", mislabelled)
+    monkeypatch.setattr(DynamicTreeDrafter, "propose", mislabelled)
     cfg, prompt = SAMPLINGS["T1"], sampling_prompts["T1"]
     emitted, _, _ = first_tokens(target, build_drafter("eagle2", target, cfg, make_generator(12345), checkpoints),
                                  prompt, cfg, n=MUTANT_GENERATIONS)

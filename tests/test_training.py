@@ -19,7 +19,8 @@ from specbench.training.sharegpt import (
     normalize_record,
     resolve_source,
 )
-from specbench.training.trainer import TrainConfig, batch_order, make_batch, train_loop
+from specbench.training.tasks import shift_batch
+from specbench.training.trainer import TrainConfig, batch_order, train_loop
 
 # ---------------------------------------------------------------- fixtures
 
@@ -194,12 +195,12 @@ def test_feature_cache_round_trip_reuse_and_resume(tiny, sharegpt_file, tmp_path
     assert d3 != d
 
 
-def test_make_batch_shift():
+def test_shift_batch():
     rows = [{"input_ids": torch.arange(5), "loss_mask": torch.tensor([0., 0, 1, 1, 1]),
              "hidden": torch.arange(5.)[:, None].repeat(1, 3)},
             {"input_ids": torch.arange(3), "loss_mask": torch.tensor([0., 1, 1]),
              "hidden": torch.arange(3.)[:, None].repeat(1, 3)}]
-    b = make_batch(rows)
+    b = shift_batch(rows)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]]
     assert b["features"][0, :, 0].tolist() == [0, 1, 2, 3] and b["target"][0, :, 0].tolist() == [1, 2, 3, 4]
     assert b["loss_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
@@ -219,18 +220,17 @@ def tiny_cache(tiny, tmp_path_factory):
     return FeatureCache(d)
 
 
-def _head_and_loss(tiny, ce_fraction=1.0):
-    from specbench.training.eagle import LossConfig, build_head, frozen_lm_head_fn, make_loss_fn
+def _head_and_task(tiny, **options):
+    from specbench.training.eagle import EagleOptions, EagleTask
 
-    head = build_head(tiny.model, seed=0)
-    return head, make_loss_fn(frozen_lm_head_fn(tiny.model.get_output_embeddings()),
-                              LossConfig(ce_fraction=ce_fraction))
+    task = EagleTask(EagleOptions(embed_init_scale=1.0, **options))
+    return task.make_head(tiny.model, seed=0), task
 
 
 def test_a_few_steps_reduce_the_loss(tiny, tiny_cache, tmp_path):
-    head, loss_fn = _head_and_loss(tiny)
-    cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=4, noise="none", warmup_steps=2, save_every=1000)
-    res = train_loop(head, tiny_cache, loss_fn, cfg, tmp_path / "w", progress=False)
+    head, task = _head_and_task(tiny, noise="none")
+    cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=4, warmup_steps=2, save_every=1000)
+    res = train_loop(head, tiny_cache, task, cfg, tmp_path / "w", progress=False)
     assert res.finished and res.step == 32
     rows = [json.loads(x) for x in (tmp_path / "w" / "loss_log.jsonl").read_text().splitlines()]
     assert len(rows) == 32
@@ -242,18 +242,18 @@ def test_a_few_steps_reduce_the_loss(tiny, tiny_cache, tmp_path):
 
 
 def test_resume_after_interruption_is_identical(tiny, tiny_cache, tmp_path):
-    cfg = dict(epochs=2, lr=1e-3, batch_size=3, noise="uniform", warmup_steps=1, save_every=2)
+    cfg = dict(epochs=2, lr=1e-3, batch_size=3, warmup_steps=1, save_every=2)
     # uninterrupted
-    head_a, fn_a = _head_and_loss(tiny, ce_fraction=0.5)
-    train_loop(head_a, tiny_cache, fn_a, TrainConfig(**cfg), tmp_path / "a", progress=False)
+    head_a, task_a = _head_and_task(tiny, ce_fraction=0.5, noise="uniform")
+    train_loop(head_a, tiny_cache, task_a, TrainConfig(**cfg), tmp_path / "a", progress=False)
     # interrupted after step 5 (last checkpoint at step 4 + the stop save at 5), then resumed by a fresh process
-    head_b, fn_b = _head_and_loss(tiny, ce_fraction=0.5)
-    r1 = train_loop(head_b, tiny_cache, fn_b, TrainConfig(**cfg, max_steps=5), tmp_path / "b", progress=False)
+    head_b, task_b = _head_and_task(tiny, ce_fraction=0.5, noise="uniform")
+    r1 = train_loop(head_b, tiny_cache, task_b, TrainConfig(**cfg, max_steps=5), tmp_path / "b", progress=False)
     assert r1.step == 5 and not r1.finished
     st = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
     assert st["step"] == 5
-    head_c, fn_c = _head_and_loss(tiny, ce_fraction=0.5)
-    r2 = train_loop(head_c, tiny_cache, fn_c, TrainConfig(**cfg), tmp_path / "b", progress=False)
+    head_c, task_c = _head_and_task(tiny, ce_fraction=0.5, noise="uniform")
+    r2 = train_loop(head_c, tiny_cache, task_c, TrainConfig(**cfg), tmp_path / "b", progress=False)
     assert r2.resumed_from == 5 and r2.finished and r2.step == 12
     for k, v in head_a.trainable_state_dict().items():
         torch.testing.assert_close(head_c.trainable_state_dict()[k], v, rtol=0, atol=0)
@@ -264,14 +264,15 @@ def test_resume_after_interruption_is_identical(tiny, tiny_cache, tmp_path):
 
 
 def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_path, monkeypatch):
-    from specbench.models.eagle_head import checkpoint_sha256, load_eagle_checkpoint
-    from specbench.training.eagle import train
+    from specbench.models.draft_heads import checkpoint_sha256, load_head
+    from specbench.training.eagle import EagleTask
+    from specbench.training.pipeline import train
 
     monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
     tdir = tmp_path / "target"
     tiny.model.save_pretrained(tdir)
     tiny.tokenizer.save_pretrained(tdir)
-    out = train(str(tdir), tmp_path / "ckpt", data=str(sharegpt_file), max_conversations=8, max_tokens=64,
+    out = train(EagleTask(), str(tdir), tmp_path / "ckpt", data=str(sharegpt_file), max_conversations=8, max_tokens=64,
                 epochs=2, lr=2e-3, batch_size=4, seed=0, heldout=3, progress=False, device="cpu",
                 command="test")
     man = json.loads((out / "MANIFEST.json").read_text())
@@ -279,7 +280,7 @@ def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_
     assert man["data"]["conversations_used"] == 8 and man["training"]["steps"] == 4
     assert man["target"]["weights_sha256"] and 0 <= man["heldout"]["top1"] <= 1 and man["heldout"]["tokens"] > 0
     assert [e["epoch"] for e in man["losses_per_epoch"]] == [0, 1]
-    head = load_eagle_checkpoint(out, tiny.model)
+    head = load_head(out, tiny.model, "eagle").head
     assert sorted(head.trainable_state_dict()) == sorted(json.loads(json.dumps(list(head.expected_keys()))))
     # the draft vocabulary: assistant-token ids of the training data, most frequent first
     from collections import Counter
@@ -325,3 +326,20 @@ def test_train_options_are_checked_before_any_work(tmp_path):
             main(["--out", str(tmp_path / "o"), *bad])
         assert e.value.code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_the_task_options_are_the_train_command_options(tmp_path):
+    """`specbench train --method eagle` takes each field of EagleOptions as an option, typed and checked."""
+    from specbench.training.eagle import EagleOptions, EagleTask
+    from specbench.training.pipeline import parser
+    from specbench.training.tasks import options_from_args
+
+    p = parser(EagleTask)
+    a = p.parse_args(["--out", str(tmp_path), "--v-w", "0.5", "--noise", "none", "--embed-init-scale", "2"])
+    assert options_from_args(EagleOptions, a) == EagleOptions(v_w=0.5, noise="none", embed_init_scale=2.0)
+    assert options_from_args(EagleOptions, p.parse_args(["--out", str(tmp_path)])) == EagleOptions()
+    for bad in (["--noise", "pink"], ["--p-w", "x"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(["--out", str(tmp_path), *bad])
+        assert e.value.code == 2
+    assert "weight of the soft-label cross-entropy term (default 0.1)" in " ".join(p.format_help().split())

@@ -5,10 +5,13 @@
   with a loss mask on assistant replies.
 - `features`: the target's last hidden states extracted once into a sharded, resumable `datasets` cache
   keyed by target weights + data + max_tokens; self-distillation (`regenerate_conversations`).
-- `trainer`: a generic accelerate loop (AdamW, warm-up, clipping, noise, JSONL loss log, resumable state).
-- `eagle`: the EAGLE loss (`compute_loss`) and `train(...)`, the hook behind `specbench train --method eagle`.
+- `tasks`: the `Task` a method trains with (options -> CLI, head, batching, augmentation, loss, manifest).
+- `losses`: the loss terms as pure functions.
+- `trainer`: a generic accelerate loop over a task (AdamW, warm-up, clipping, JSONL loss log, resumable state).
+- `pipeline`: `train(task, ...)` and `main(task, argv)`, behind `specbench train --method M`.
+- `eagle`: the EAGLE task.
 
 Submodules are imported lazily (torch/transformers/datasets are heavy).
 """
 
-__all__ = ["sharegpt", "features", "trainer", "eagle"]
+__all__ = ["sharegpt", "features", "tasks", "losses", "trainer", "pipeline", "eagle"]

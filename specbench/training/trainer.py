@@ -1,29 +1,32 @@
-"""A small draft-head trainer on `accelerate`: batches from a feature cache, a pluggable loss, resumable.
+"""A small draft-head trainer on `accelerate`: batches from a feature cache, a training task, resumable.
 
-The loop knows nothing about EAGLE: it draws batches (`make_batch`), calls ``loss_fn(head, batch) -> dict``
-(the dict's ``"loss"`` is back-propagated; every other scalar is logged), clips gradients by value, steps
-AdamW and a warm-up + linear-decay schedule. HASS/FSPAD plug in a different `loss_fn` (and head forward).
+The loop knows no method: it draws batches in a seeded order, has the task (`tasks.Task`) collate,
+augment and score them (``task.loss(head, batch) -> dict``: its ``"loss"`` is back-propagated and every
+other scalar is logged under its own name), clips gradients by value, steps AdamW and a warm-up +
+linear-decay schedule over the task's trainable parameters.
 
 One CPU here; on GPUs ``accelerate launch -m specbench ...`` runs the same code data-parallel: the
 epoch's batch order is a pure function of (seed, epoch) and process k takes batches k, k+P, ...; the
 model/optimizer/scheduler go through ``accelerator.prepare`` (DDP gradient averaging).
 
 Resumability: every `save_every` optimizer steps (and at the end of each epoch) the full trainer state
-(trainable head weights, optimizer, scheduler, step, epoch, RNG states of python/numpy/torch and of the
-noise generator) is written atomically to ``work_dir/state.pt``. A new run with the same work_dir loads it
-and continues from that step with identical state; the data order of an epoch is a pure function of
-(seed, epoch), so the skipped batches are exactly the ones already trained on. The loss log
-(``work_dir/loss_log.jsonl``, one JSON line per logged step) is truncated back to the saved step on resume.
+(trainable head weights, optimizer, scheduler, step, epoch, RNG states of python/numpy/torch, of the
+augmentation generator and of the task's own generator) is written atomically to ``work_dir/state.pt``.
+A new run with the same work_dir loads it and continues from that step with identical state; the data
+order of an epoch is a pure function of (seed, epoch), so the skipped batches are exactly the ones
+already trained on. The loss log (``work_dir/loss_log.jsonl``, one JSON line per logged step) is
+truncated back to the saved step on resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,10 +34,11 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_path
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "make_batch", "batch_order", "add_feature_noise", "train_loop"]
+__all__ = ["TrainConfig", "TrainResult", "batch_order", "train_loop"]
 
 
 @dataclass
@@ -47,8 +51,6 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the total steps
     batch_size: int = 4  # sequences per optimizer step (per process)
     seed: int = 0
-    noise: str = "uniform"  # "uniform" (EAGLE) | "gaussian" | "none"
-    noise_std: float = 0.2
     save_every: int = 50  # optimizer steps between trainer-state checkpoints
     log_every: int = 1
     max_steps: int | None = None  # stop early (for tests / interruption simulations)
@@ -86,62 +88,17 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) 
     return [out[p] for p in perm]
 
 
-def make_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """EAGLE's one-position shift, right-padded. For a sequence of length L (pairs i = 0..L-2):
-
-    - ``input_ids[i] = tokens[i+1]`` (the token after the feature's position),
-    - ``features[i] = f_i`` (target feature, noise is added later), ``target[i] = f_{i+1}``,
-    - ``loss_mask[i] = mask[i+1]`` (the predicted feature is that of an assistant-reply token),
-    - ``position_ids[i] = i``, ``attention_mask`` 1 on real pairs.
-    """
-    n = [len(r["input_ids"]) - 1 for r in rows]
-    T = max(max(n), 1)
-    B = len(rows)
-    H = rows[0]["hidden"].shape[-1]
-    input_ids = torch.zeros(B, T, dtype=torch.long)
-    feats = torch.zeros(B, T, H)
-    target = torch.zeros(B, T, H)
-    mask = torch.zeros(B, T)
-    att = torch.zeros(B, T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        k = n[b]
-        if k <= 0:
-            continue
-        input_ids[b, :k] = r["input_ids"][1:k + 1]
-        feats[b, :k] = r["hidden"][:k]
-        target[b, :k] = r["hidden"][1:k + 1]
-        mask[b, :k] = r["loss_mask"][1:k + 1]
-        att[b, :k] = 1
-    pos = torch.arange(T).expand(B, T).clone()
-    return {"input_ids": input_ids, "features": feats, "target": target, "loss_mask": mask,
-            "attention_mask": att, "position_ids": pos}
-
-
-def add_feature_noise(feats: torch.Tensor, kind: str, std: float, generator: torch.Generator | None) -> torch.Tensor:
-    """EAGLE's feature augmentation (train only). uniform: ``(U[0,1) - 0.5) * std * 512 / seq_len``
-    (SafeAILab/EAGLE eagle/train/main.py AddUniformNoise, std 0.2); gaussian: ``N(0, std)``."""
-    if kind == "none" or std == 0:
-        return feats
-    shape, dev = feats.shape, feats.device
-    if kind == "uniform":
-        u = torch.rand(shape, generator=generator, device="cpu").to(dev)
-        return feats + (u - 0.5) * std * 512 / shape[1]
-    if kind == "gaussian":
-        return feats + torch.randn(shape, generator=generator, device="cpu").to(dev) * std
-    raise ValueError(f"unknown noise kind {kind!r} (uniform, gaussian, none)")
-
-
 class _Batches(torch.utils.data.Dataset):
     """A map-style dataset whose items are whole batches (so accelerate shards batches across processes)."""
 
-    def __init__(self, data, order: list[list[int]]):
-        self.data, self.order = data, order
+    def __init__(self, data, order: list[list[int]], collate):
+        self.data, self.order, self.collate = data, order, collate
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, i: int) -> dict:
-        return make_batch([self.data[j] for j in self.order[i]])
+        return self.collate([self.data[j] for j in self.order[i]])
 
 
 # ---------------------------------------------------------------- state
@@ -183,15 +140,13 @@ def load_trainable(head: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- loop
 
 
-def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, dict], dict],
-               cfg: TrainConfig, work_dir: Path, *, resume: bool = True, progress: bool = True,
-               accelerator=None, config_fingerprint: dict | None = None) -> TrainResult:
-    """Train `head` (only its parameters with requires_grad) on `data` (len(), [i], .lengths).
+def train_loop(head: torch.nn.Module, data, task: Task, cfg: TrainConfig, work_dir: Path, *, resume: bool = True,
+               progress: bool = True, accelerator=None, config_fingerprint: dict | None = None) -> TrainResult:
+    """Train `task.trainable(head)` on `data` (len(), [i], .lengths) with `task`'s batches and loss.
 
-    `loss_fn(head, batch)` (optionally with a ``.generator`` attribute, a torch.Generator whose state is
-    checkpointed with the rest) gets batches from `make_batch` with noisy ``features`` (and the clean
-    ``features_clean``) on the accelerator's device. Returns a TrainResult; the trained weights are in
-    `head`. `config_fingerprint` is stored in the state and must match on resume.
+    Batches are ``task.collate``d, moved to the accelerator's device and ``task.augment``ed with the loop's
+    seeded augmentation generator. Returns a TrainResult; the trained weights are in `head`.
+    `config_fingerprint` (with the task's options) is stored in the state and must match on resume.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -203,13 +158,13 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
     state_path = work_dir / "state.pt"
     log_path = work_dir / "loss_log.jsonl"
     fingerprint = {"train": cfg.to_dict() | {"max_steps": None, "save_every": None, "log_every": None},
-                   **(config_fingerprint or {})}
+                   "task": {"name": task.name, "options": dataclasses.asdict(task.opts)}, **(config_fingerprint or {})}
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    loss_gen = getattr(loss_fn, "generator", None)  # e.g. the CE position sampler: checkpointed too
+    loss_gen = task.generator  # e.g. the CE position sampler: checkpointed too
 
     lengths = list(data.lengths)
     steps_per_epoch_total = math.ceil(len(lengths) / cfg.batch_size)
@@ -217,7 +172,7 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
     total_steps = steps_per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
-    params = [p for p in head.parameters() if p.requires_grad]
+    params = task.trainable(head)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = get_scheduler("linear", opt, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -271,15 +226,14 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
             order = order + order[:(-len(order)) % P]
             mine = order[acc.process_index::P]
             skip = step - epoch * steps_per_epoch  # batches of this epoch already trained on (resume)
-            dl = torch.utils.data.DataLoader(_Batches(data, mine[skip:]), batch_size=None, shuffle=False)
+            dl = torch.utils.data.DataLoader(_Batches(data, mine[skip:], task.collate), batch_size=None,
+                                             shuffle=False)
             for batch in dl:
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                batch["features_clean"] = batch["features"]
-                batch["features"] = add_feature_noise(batch["features"], cfg.noise, cfg.noise_std, noise_gen)
-                out = loss_fn(head, batch)
+                batch = task.augment({k: v.to(acc.device) for k, v in batch.items()}, noise_gen)
+                out = task.loss(head, batch)
                 acc.backward(out["loss"])
                 if cfg.grad_clip_value:
-                    acc.clip_grad_value_(head.parameters(), cfg.grad_clip_value)
+                    acc.clip_grad_value_(params, cfg.grad_clip_value)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -296,7 +250,7 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('acc', float('nan')):.3f}")
                 if step % max(1, cfg.log_every * 20) == 0:
                     log.info(f"train: step {step}/{total_steps} epoch {epoch} " +
-                             " ".join(f"{k}={rec[k]:.4g}" for k in ("loss", "vloss", "ploss", "acc") if k in rec))
+                             " ".join(f"{k}={rec[k]:.4g}" for k in _scalars(rec)))
                 if step % cfg.save_every == 0:
                     save(epoch)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -318,6 +272,14 @@ def train_loop(head: torch.nn.Module, data, loss_fn: Callable[[torch.nn.Module, 
                        finished=step >= total_steps)
 
 
+_BOOKKEEPING = ("step", "epoch", "lr", "t")
+
+
+def _scalars(rec: dict) -> list[str]:
+    """The task's logged scalars of a loss-log record, in the order the task returned them."""
+    return [k for k in rec if k not in _BOOKKEEPING]
+
+
 def summarize_epochs(history: list[dict]) -> list[dict]:
     out: dict[int, list[dict]] = {}
     for r in history:
@@ -325,7 +287,7 @@ def summarize_epochs(history: list[dict]) -> list[dict]:
     res = []
     for ep, rows in sorted(out.items()):
         d = {"epoch": ep, "steps": len(rows)}
-        for k in ("loss", "vloss", "ploss", "acc"):
+        for k in dict.fromkeys(k for r in rows for k in _scalars(r)):
             vals = [r[k] for r in rows if k in r]
             if vals:
                 tail = vals[-max(1, len(vals) // 10):]

@@ -1,0 +1,251 @@
+"""The one training pipeline behind ``specbench train --method M``, for every task:
+
+    load the target -> read and format the data -> extract or reuse the feature cache -> the task's head
+    -> the resumable train loop -> export (draft_heads.save_head) -> held-out check -> MANIFEST.json
+
+`main(task_cls, argv)` is the command line: the options every task shares, then one option per field of
+the task's `Options` (so loss weights and the like are options, with their defaults in ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
+from ..logs import configure, log_file
+from ..models.draft_heads import DRAFT_VOCAB_FILE, load_head, save_head
+from .tasks import Task, add_options, options_from_args
+from .trainer import TrainConfig, train_loop
+
+log = logging.getLogger(__name__)
+
+__all__ = ["heldout_accuracy", "main", "train", "write_draft_vocab"]
+
+
+@torch.no_grad()
+def heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 512) -> dict:
+    """Top-1 agreement of the head's next-token prediction with the target's argmax, teacher-forced with
+    the target's true features (the training-time accuracy, i.e. draft depth 1), on assistant tokens."""
+    from .features import target_hidden_states
+    from .sharegpt import format_conversation
+
+    head.eval()
+    hit = n = 0
+    for _, conv in conversations:
+        f = format_conversation(tokenizer, conv, max_tokens)
+        if sum(f.loss_mask[1:]) == 0:
+            continue
+        ids = torch.tensor([f.input_ids])
+        h = target_hidden_states(model, ids).float()
+        T = ids.shape[1] - 1
+        out = head(ids[:, 1:], h[:, :T], torch.arange(T)[None])
+        m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
+        hl = head.logits(head.token_features(out)[0][m])
+        tl = head.logits(h[0, 1:][m])
+        hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
+        n += int(m.sum())
+    return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
+
+
+def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
+    """Write `out/draft_vocab.json`: the ids of the training data's assistant tokens, most frequent first.
+
+    The drafters' optional reduced draft vocabulary (`--param draft_vocab=N`) takes its first N ids (as
+    EAGLE-3 builds its draft vocabulary from training-data frequencies).  Ties rank by id; ids never seen
+    are left out (the drafter appends them in id order).  Returns the manifest's "draft_vocab" entry.
+    """
+    import numpy as np
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    cols = cache.dataset.select_columns(["input_ids", "loss_mask"]).with_format("numpy")
+    for row in cols:
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
+    seen = np.flatnonzero(counts)
+    ranked = seen[np.lexsort((seen, -counts[seen]))].tolist()
+    write_json(Path(out) / DRAFT_VOCAB_FILE, ranked, indent=None)
+    total = int(counts.sum())
+    top = np.sort(counts)[::-1]
+    return {"file": DRAFT_VOCAB_FILE, "what": "token ids of the training data's assistant (loss) tokens, most "
+            "frequent first", "feature_cache": cache.meta.get("key"), "tokens_counted": total,
+            "distinct_ids": len(ranked),
+            "coverage": {str(n): round(float(top[:n].sum()) / max(total, 1), 4) for n in (2048, 4096, 8192, 16384)}}
+
+
+def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int = 1000,
+          max_tokens: int = 512, epochs: int = 3, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
+          self_distill: bool = False, distill_kwargs: dict | None = None, resume: bool = True,
+          feature_cache: Path | None = None, work_dir: Path | None = None, warmup_steps: int | None = None,
+          save_every: int = 50, grad_clip_value: float = 0.5, heldout: int = 50, device: str = "auto",
+          dtype: str = "float32", progress: bool = True, max_steps: int | None = None, command: str | None = None,
+          init_from: Path | None = None) -> Path:
+    """Train `task`'s head for `target_spec` and write it to `out` (draft-head checkpoint + MANIFEST.json).
+
+    The target comes from specbench.models.load_model (embedded name, local dir or HF cache); the trainer
+    state lives in `work_dir` (default ``cache_dir()/train/<task>-<hash of the settings>``), so an
+    interrupted run resumes bit-identically. `init_from`: a checkpoint of the task's architecture whose
+    weights initialise the head (a second training phase); its MANIFEST.json is embedded in the new one.
+    The held-out check is the top-1 agreement on `heldout` ShareGPT conversations never trained on.
+    Returns `out`.
+    """
+    from accelerate import Accelerator
+
+    from ..models.loading import load_model
+    from ..models.registry import cache_dir
+    from .features import heldout_conversations, load_feature_cache, prepare_features
+
+    t_start = time.time()
+    out = Path(out)
+    acc = Accelerator()
+    loaded = load_model(target_spec, dtype=dtype, device=str(acc.device) if device == "auto" else device)
+    model = loaded.model
+    model.eval()
+    model.requires_grad_(False)
+    log.info(f"target {loaded.name} ({loaded.source}, weights sha256 {loaded.weights_sha256[:16]}...)")
+
+    with acc.main_process_first():  # the main process extracts the features; the others then find its cache
+        fdir, data_info = prepare_features(loaded, data=data, max_conversations=max_conversations,
+                                           max_tokens=max_tokens, self_distill=self_distill,
+                                           distill_kwargs=distill_kwargs, feature_cache=feature_cache,
+                                           progress=progress and acc.is_main_process)
+    cache = load_feature_cache(fdir)
+    log.info(f"feature cache {fdir}: {len(cache)} sequences, {sum(cache.lengths)} tokens")
+
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup_steps=warmup_steps,
+                      save_every=save_every, grad_clip_value=grad_clip_value, max_steps=max_steps)
+    fp: dict = {"target_sha256": loaded.weights_sha256, "cache_key": data_info["cache_key"]}
+    init_info = None
+    if init_from is not None:
+        init_from = Path(init_from)
+        init_info = {"path": str(init_from), "weights_sha256": sha256_file(init_from / "model.safetensors")}
+        if (init_from / "MANIFEST.json").is_file():
+            init_info["manifest"] = json.loads((init_from / "MANIFEST.json").read_text())
+        fp["init_from_sha256"] = init_info["weights_sha256"]
+    if work_dir is None:
+        wkey = sha256_json({"out": str(out.resolve()), **fp, "task": task.describe(),
+                            "train": cfg.to_dict() | {"max_steps": None}})[:16]
+        work_dir = cache_dir() / "train" / f"{task.name}-{wkey}"
+    log.info(f"trainer state and loss log in {work_dir}")
+
+    head = task.make_head(model, cache, seed)
+    if init_from is not None:
+        src = load_head(init_from, model, task.arch).head  # strict: keys, shapes, hidden and vocab sizes
+        head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in src.trainable_state_dict().items()}},
+                             strict=True)
+        head.requires_grad_(True)
+        log.info(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
+    res = train_loop(head, cache, task, cfg, Path(work_dir), resume=resume, progress=progress, accelerator=acc,
+                     config_fingerprint=fp)
+    log.info(f"training stopped at step {res.step} (finished={res.finished}) after {res.seconds:.0f} s")
+    if not acc.is_main_process:
+        return out
+    head = acc.unwrap_model(head) if hasattr(acc, "unwrap_model") else head
+    head = getattr(head, "module", head)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_head(head, task.arch, out)
+    wsha = sha256_file(out / "model.safetensors")
+    dv = write_draft_vocab(out, cache, head.vocab_size)
+
+    ho = heldout_conversations(data, heldout) if heldout else []
+    hacc = heldout_accuracy(head, model, loaded.tokenizer, ho, max_tokens) if ho else None
+    if hacc:
+        log.info(f"held-out top-1 agreement with the target: {hacc['top1']:.4f} on {hacc['tokens']} tokens "
+                 f"of {hacc['conversations']} conversations")
+    shutil.copyfile(Path(work_dir) / "loss_log.jsonl", out / "loss_log.jsonl")
+    import accelerate
+
+    n_params = sum(v.numel() for v in head.trainable_state_dict().values())
+    manifest = {
+        "method": task.name,
+        "format": f"{task.arch} draft head (config.json + model.safetensors; specbench.models.draft_heads)",
+        "weights_file": "model.safetensors", "weights_sha256": wsha, "weights_dtype": "float32",
+        "trainable_parameters": n_params,
+        "target": {"name": loaded.name, "source": loaded.source, "weights_sha256": loaded.weights_sha256},
+        "data": data_info,
+        "training": {**cfg.to_dict(), "task": task.describe(), "optimizer": "AdamW",
+                     "schedule": "linear warm-up then linear decay to 0",
+                     "steps": res.step, "finished": res.finished, "resumed_from_step": res.resumed_from,
+                     "train_seconds": round(res.seconds, 1)},
+        "losses_per_epoch": res.epoch_losses,
+        "heldout": {**(hacc or {}), "what": "top-1 agreement of the head's next-token prediction with the "
+                    "target's argmax at t+1, teacher-forced on the target's features, assistant tokens only, the "
+                    f"last {heldout} usable conversations of the source (never trained on)"},
+        "seed": seed,
+        "init_from": init_info,
+        "draft_vocab": dv,
+        "wall_seconds_this_invocation": round(time.time() - t_start, 1),
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "environment": {**environment(acc.device), "accelerate": accelerate.__version__, "device": str(acc.device),
+                        "num_processes": acc.num_processes},
+    }
+    write_json(out / "MANIFEST.json", manifest, indent=2)
+    log.info(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
+    return out
+
+
+def parser(task_cls: type[Task]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"specbench train --method {task_cls.name}",
+                                description=f"Train a {task_cls.arch} draft head for the {task_cls.name} method: "
+                                + train.__doc__.splitlines()[0])
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", default="sharegpt")
+    p.add_argument("--max-conversations", type=int, default=1000)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-distill", action="store_true")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--feature-cache", type=Path)
+    p.add_argument("--work-dir", type=Path)
+    p.add_argument("--heldout", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log", type=Path, help="also append the log to this file")
+    p.add_argument("--init-from", type=Path, help=f"{task_cls.arch} checkpoint to start from (a second phase)")
+    p.add_argument("--no-progress", action="store_true")
+    add_options(p, task_cls.Options)
+    return p
+
+
+def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
+    """``specbench train --method M ...`` for the method whose task is `task_cls`."""
+    from accelerate import PartialState
+
+    p = parser(task_cls)
+    a = p.parse_args(argv)
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.log:  # checked before hours of feature extraction, not when the first line is logged
+        check_writable(a.log, "--log")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    task = task_cls(options_from_args(task_cls.Options, a), seed=a.seed)
+    cmd = (f"specbench train --method {task_cls.name} "
+           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
+    # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
+    configure(timestamps=True, level=logging.INFO if PartialState().is_main_process else logging.WARNING)
+    init = a.init_from
+    with log_file(a.log):
+        for phase in task.phases():  # each phase starts from the one before (the first from --init-from)
+            out = a.out / phase.subdir if phase.subdir else a.out
+            work = a.work_dir / phase.subdir if a.work_dir and phase.subdir else a.work_dir
+            init = train(task_cls(phase.opts, seed=a.seed), a.target, out, data=a.data,
+                         max_conversations=a.max_conversations, max_tokens=a.max_tokens,
+                         epochs=phase.epochs or a.epochs, lr=phase.lr or a.lr, batch_size=a.batch_size, seed=a.seed,
+                         self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache,
+                         work_dir=work, heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress,
+                         command=cmd, init_from=init)
+    return 0

@@ -1,0 +1,144 @@
+"""A training task: what one draft method trains and how. The pipeline (`pipeline.py`) and the loop
+(`trainer.py`) know nothing about any method; they drive a `Task`:
+
+* `Options`, a dataclass of the task's settings (loss weights, augmentation, ...): the pipeline turns its
+  fields into `specbench train --method M` options (`--field-name`, the field's default and its
+  ``metadata["help"]``), and records them in the trainer state's fingerprint and the manifest;
+* `make_head(model, data, seed)`: a fresh head of architecture `arch` for the target (the data may
+  inform the initialisation), and `trainable(head)`: the parameters the optimiser steps;
+* `collate(rows)`: a batch from feature-cache rows; `augment(batch, generator)`: training-only noise;
+* `loss(head, batch)`: a dict whose ``"loss"`` is back-propagated and whose other scalars are logged;
+  `generator` (optional): the task's own random stream, checkpointed with the trainer state;
+* `describe()`: what the manifest says of the objective;
+* `phases()`: the training phases one command runs (default one; HASS's official schedule has two, the
+  second starting from the first's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Phase", "Task", "TaskOptions", "add_options", "frozen_lm_head_fn", "options_from_args", "shift_batch"]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Base of a task's options dataclass; each field becomes a CLI option."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a training command: its options, and what it changes of the command's settings."""
+
+    opts: TaskOptions
+    epochs: int | None = None  # None: the command's --epochs
+    lr: float | None = None  # None: the command's --lr
+    subdir: str | None = None  # None: the command's --out; else --out/subdir (a phase the next one starts from)
+
+
+class Task:
+    """Defaults shared by the feature-level heads: EAGLE's one-position shift, no augmentation."""
+
+    name: ClassVar[str] = ""
+    arch: ClassVar[str] = ""
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+
+    def __init__(self, opts: TaskOptions | None = None, seed: int = 0):
+        self.opts = opts if opts is not None else self.Options()
+        self.generator: torch.Generator | None = None
+
+    def make_head(self, model, data=None, seed: int = 0) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def trainable(self, head: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in head.parameters() if p.requires_grad]
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return shift_batch(rows)
+
+    def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return batch
+
+    def loss(self, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self.opts)
+
+    def phases(self) -> list[Phase]:
+        return [Phase(self.opts)]
+
+
+def shift_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """EAGLE's one-position shift, right-padded. For a sequence of length L (pairs i = 0..L-2):
+
+    - ``input_ids[i] = tokens[i+1]`` (the token after the feature's position),
+    - ``features[i] = f_i`` (target feature; a task may add noise), ``target[i] = f_{i+1}``,
+    - ``loss_mask[i] = mask[i+1]`` (the predicted feature is that of an assistant-reply token),
+    - ``position_ids[i] = i``, ``attention_mask`` 1 on real pairs.
+    """
+    n = [len(r["input_ids"]) - 1 for r in rows]
+    T = max(max(n), 1)
+    B = len(rows)
+    H = rows[0]["hidden"].shape[-1]
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    feats = torch.zeros(B, T, H)
+    target = torch.zeros(B, T, H)
+    mask = torch.zeros(B, T)
+    att = torch.zeros(B, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        k = n[b]
+        if k <= 0:
+            continue
+        input_ids[b, :k] = r["input_ids"][1:k + 1]
+        feats[b, :k] = r["hidden"][:k]
+        target[b, :k] = r["hidden"][1:k + 1]
+        mask[b, :k] = r["loss_mask"][1:k + 1]
+        att[b, :k] = 1
+    pos = torch.arange(T).expand(B, T).clone()
+    return {"input_ids": input_ids, "features": feats, "target": target, "loss_mask": mask,
+            "attention_mask": att, "position_ids": pos}
+
+
+def frozen_lm_head_fn(lm_head: torch.nn.Module):
+    """x -> the target's LM head over x, with its weights detached (targets for the distribution losses)."""
+    w = lm_head.weight.detach()
+    b = lm_head.bias.detach() if getattr(lm_head, "bias", None) is not None else None
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(w.dtype), w, b)
+
+    return fn
+
+
+# ---------------------------------------------------------------- options <-> CLI
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, options: type[TaskOptions]) -> None:
+    """One option per field of `options`: ``--field-name``, typed by the field's ``metadata["parse"]`` or its
+    default's type (a bool field is a switch to the opposite of its default), with its help."""
+    group = parser.add_argument_group(f"{options.__name__} (the method's training options)")
+    for f in dataclasses.fields(options):
+        default = f.default
+        help_ = f.metadata.get("help", "") + f" (default {default})"
+        if isinstance(default, bool):
+            group.add_argument(_flag(f.name) if not default else _flag("no_" + f.name), dest=f.name,
+                               action="store_false" if default else "store_true", default=default, help=help_)
+            continue
+        parse = f.metadata.get("parse", type(default))
+        group.add_argument(_flag(f.name), dest=f.name, type=parse, default=default, help=help_,
+                           choices=f.metadata.get("choices"))
+
+
+def options_from_args(options: type[TaskOptions], args: argparse.Namespace) -> TaskOptions:
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
