@@ -300,20 +300,45 @@ def method_params(case: Case, method: str) -> dict:
     if case.mode == "paper" and tree:
         params.update({k: tree[k] for k in _TREE_PARAMS if tree.get(k) is not None and k in defaults})
     if case.setting:
+        retrain = []
         for pair in case.setting.split(","):
             k, _, v = pair.partition("=")
-            if k not in defaults:
+            if k in defaults:
+                params[k] = type(defaults[k])(v) if defaults[k] is not None and not isinstance(defaults[k], str) else v
+                continue
+            flag = _training_flag(method, k, v)
+            if flag is None:
                 pytest.skip(f"setting {case.setting!r} needs {k}={v}, which the {method} plugin does not offer "
-                            f"(a differently trained draft or an ablated algorithm)")
-            params[k] = type(defaults[k])(v) if defaults[k] is not None and not isinstance(defaults[k], str) else v
+                            f"(an ablated algorithm or data this suite does not implement)")
+            if flag:  # "" = the default training: the method's own head is that draft
+                retrain.append(flag)
+        if retrain:
+            pytest.skip(f"setting {case.setting!r} needs a differently trained draft: `specbench train --method "
+                        f"{method} {' '.join(retrain)}`, then --param checkpoint=DIR")
     return params
+
+
+def _training_flag(method: str, key: str, value: str) -> str | None:
+    """The `specbench train` option a paper's training ablation maps to ("" when it is the default training),
+    or None when the suite does not implement it. HASS's Tables 4, 7, 8 vary J, K, topk_w and the data."""
+    if method != "hass":
+        return None
+    from specbench.training.hass import HassOptions
+
+    field = {"align_steps": "forward_num_total", "topk_k": "topk", "topk_w": "topk_w"}.get(key)
+    if field is not None:
+        default = getattr(HassOptions(), field)
+        return "" if type(default)(value) == default else f"--{field.replace('_', '-')} {value}"
+    if key == "data":
+        return {"fixed": "", "model_generated": "--self-distill"}.get(value)
+    return None
 
 
 def _preflight(ctx: SuiteContext, case: Case, method: str, params: dict) -> None:
     """Build the drafter once so a missing draft checkpoint skips (with the plugin's message) before timing."""
     from specbench.decoding import SamplingConfig, make_generator
     from specbench.methods import get_method
-    from specbench.models.eagle_head import CheckpointError
+    from specbench.models.draft_heads import CheckpointError
 
     runner = ctx.runner(ctx.target_spec(case))
     m = get_method(method)

@@ -171,3 +171,26 @@ def test_two_phases_and_the_options():
     o = options_from_args(H.HassOptions, a)
     assert (o.topk, o.mask_mode, o.forward_num_total) == (5, "official", 2)
     assert isinstance(o, EagleOptions)
+
+
+def test_paper_ablations_map_to_training_options():
+    """HASS Tables 4/7/8 vary the training: a suite case at the default training runs over the HASS head, any
+    other value is skipped with the exact `specbench train` command, and variants not implemented say so."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))
+    import _harness
+
+    def params(setting):
+        return _harness.method_params(SimpleNamespace(mode="paper", rows=(), setting=setting), "hass")
+
+    assert params("topk_k=10,topk_w=1.0") == {} and params("align_steps=3") == {}
+    assert params("data=fixed,depth=5,total_tokens=40") == {"depth": 5, "total_tokens": 40}
+    for setting, says in [("topk_k=5,topk_w=1.0", "specbench train --method hass --topk 5`"),
+                          ("align_steps=5", "--forward-num-total 5"),
+                          ("data=model_generated,depth=6,total_tokens=60", "--self-distill"),
+                          ("loss=bild", "an ablated algorithm or data this suite does not implement")]:
+        with pytest.raises(pytest.skip.Exception, match=says.replace("(", "\\(")):
+            params(setting)
