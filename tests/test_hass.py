@@ -194,3 +194,32 @@ def test_paper_ablations_map_to_training_options():
                           ("loss=bild", "an ablated algorithm or data this suite does not implement")]:
         with pytest.raises(pytest.skip.Exception, match=says.replace("(", "\\(")):
             params(setting)
+
+
+def test_train_command_runs_both_phases_into_one_loadable_head(tmp_path, monkeypatch):
+    """`specbench train --method hass --phase2-epochs 1` on the tiny target: phase 1 (topk_w 0) into OUT/phase1,
+    phase 2 from it into OUT; both manifests say what they trained, the head loads strictly as an EAGLE head."""
+    import json
+    from dataclasses import replace
+
+    from test_training import _conversations, _fake_tokenizer
+
+    from specbench.models import tiny_llama
+    from specbench.models.draft_heads import checkpoint_sha256, load_head
+
+    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
+    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
+    tiny.model.save_pretrained(tmp_path / "t")
+    tiny.tokenizer.save_pretrained(tmp_path / "t")
+    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    out = tmp_path / "hass"
+    rc = H.main(["--target", str(tmp_path / "t"), "--out", str(out), "--data", str(tmp_path / "sg.json"),
+                 "--max-conversations", "8", "--max-tokens", "64", "--epochs", "1", "--batch-size", "4",
+                 "--heldout", "2", "--no-progress", "--phase2-epochs", "1", "--topk", "4"])
+    assert rc == 0
+    one, two = (json.loads((d / "MANIFEST.json").read_text()) for d in (out / "phase1", out))
+    assert one["method"] == two["method"] == "hass"
+    assert one["training"]["task"]["topk_w"] == 0.0 and two["training"]["task"]["topk_w"] == 1.0
+    assert two["training"]["lr"] == 1e-5 and two["init_from"]["weights_sha256"] == checkpoint_sha256(out / "phase1")
+    assert {"topkloss_1", "vloss_3"} <= set(two["losses_per_epoch"][0])
+    assert load_head(out, tiny.model, "eagle").weights_sha256 == two["weights_sha256"]
