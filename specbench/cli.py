@@ -52,8 +52,10 @@ def cmd_run(args) -> int:
     if "greedy_identical" in s:
         g = s["greedy_identical"]
         line = f"greedy outputs identical to vanilla: {g['identical']}/{g['compared']}"
-        if g["identical"] != g["compared"]:
-            ties = g.get("numerical_ties", 0)
+        ties = g.get("numerical_ties")
+        if g["identical"] != g["compared"] and ties is None:  # written before divergences were classified
+            line += " (see the samples' divergence: a numerical tie or a losslessness bug)"
+        elif g["identical"] != g["compared"]:
             line += (f" ({ties} parted at a numerical tie, {g['compared'] - g['identical'] - ties} NOT at a tie: "
                      "a losslessness bug; see the samples' divergence)")
         print(line)

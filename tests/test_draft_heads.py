@@ -163,3 +163,10 @@ def test_tree_drafters_over_any_head_are_lossless(target, toy_dir):
     prop = d.propose(prompt)
     first = rec.head.logits(rec.head.token_features(d.root_feature)).topk(2).indices.tolist()
     assert prop.tokens[:2] == first
+
+
+def test_a_method_refuses_a_loaded_head_of_another_architecture(target, toy_dir):
+    from specbench.methods.head_drafters import resolve_head
+
+    with pytest.raises(CheckpointError, match="method eagle2 drafts with a eagle head, not the given toy-test head"):
+        resolve_head("eagle2", target, load_head(toy_dir, target))

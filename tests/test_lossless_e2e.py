@@ -353,10 +353,10 @@ class Recording:
         self.inner.update(tree, verdict, out)
 
 
-def first_tokens(target, drafter, prompt: list[int], cfg: SamplingConfig, seed: int = 12345, n: int = N_GENERATIONS):
+def first_tokens(target, drafter, prompt: list[int], cfg: SamplingConfig, generator, n: int = N_GENERATIONS):
     """The first K_FIRST tokens of n generations (n, K_FIRST), and per generation the size of its
-    first proposal and the tokens its first step emitted."""
-    generator = make_generator(seed)
+    first proposal and the tokens its first step emitted. `generator` is the drafter's own: one stream
+    for drafting and verifying, so no draw is reused by another generation."""
     drafter = Recording(drafter)
     out, sizes, firsts = [], [], []
     for _ in range(n):
@@ -373,13 +373,15 @@ def test_first_tokens_follow_target(name, cfg_name, model, target, sampling_prom
     """The first K_FIRST tokens jointly, whatever steps emitted them (`helpers.check_sequence`)."""
     cfg = SAMPLINGS[cfg_name]
     prompt = sampling_prompts[cfg_name]
-    drafter = build_drafter(name, target, cfg, make_generator(12345), checkpoints)
-    emitted, sizes, firsts = first_tokens(target, drafter, prompt, cfg)
+    generator = make_generator(12345)
+    drafter = build_drafter(name, target, cfg, generator, checkpoints)
+    emitted, sizes, firsts = first_tokens(target, drafter, prompt, cfg, generator)
     accepted = sum(n > 1 for n in firsts)
     deep = sum(n > 2 for n in firsts)  # first steps that emitted a third token from the drafts' walk
     result = check_sequence(emitted, exact_rows(model, prompt, emitted, cfg))
     assert result.ok, (f"{name} at {cfg}: {accepted}/{N_GENERATIONS} first steps accepted a draft, {deep} two or "
                        f"more\n{result}")
+    assert all(part.dof > 0 for part in result.parts), f"{name}: a depth had no prefix group large enough\n{result}"
     if any(sizes):  # methods that draft from the first step on (lookahead warms up: see the next test)
         assert accepted > N_GENERATIONS // 20, f"{name}: drafts accepted in only {accepted} first steps"
     else:
@@ -404,8 +406,9 @@ def test_first_token_check_catches_a_head_method_that_mislabels_its_drafts(model
 
     monkeypatch.setattr(DynamicTreeDrafter, "propose", mislabelled)
     cfg, prompt = SAMPLINGS["T1"], sampling_prompts["T1"]
-    emitted, _, _ = first_tokens(target, build_drafter("eagle2", target, cfg, make_generator(12345), checkpoints),
-                                 prompt, cfg, n=MUTANT_GENERATIONS)
+    generator = make_generator(12345)
+    emitted, _, _ = first_tokens(target, build_drafter("eagle2", target, cfg, generator, checkpoints), prompt, cfg,
+                                 generator, n=MUTANT_GENERATIONS)
     assert not check_sequence(emitted, exact_rows(model, prompt, emitted, cfg)).ok
 
 
@@ -426,8 +429,9 @@ def test_first_token_check_sees_past_the_second_token(model, target, sampling_pr
 
     monkeypatch.setattr(loop, "accept", off_by_one_node)
     cfg, prompt = SAMPLINGS["T1"], sampling_prompts["T1"]
-    emitted, _, firsts = first_tokens(target, build_drafter("pld", target, cfg, make_generator(12345), checkpoints),
-                                      prompt, cfg, n=MUTANT_GENERATIONS)
+    generator = make_generator(12345)
+    emitted, _, firsts = first_tokens(target, build_drafter("pld", target, cfg, generator, checkpoints), prompt, cfg,
+                                      generator, n=MUTANT_GENERATIONS)
     assert sum(n > 2 for n in firsts) > MUTANT_GENERATIONS // 20  # the fault is reached
     rows = exact_rows(model, prompt, emitted, cfg)
     assert check_sequence(emitted[:, :2], rows[:2]).ok

@@ -183,8 +183,10 @@ def test_a_fault_at_the_third_draft_is_caught_only_past_two_tokens(device, monke
 
 # --------------------------------------------------------------------------- power
 # What the checks can see, at alpha = ALPHA / K_TOKENS per depth and 99% power: a change r of one
-# token's probability p (the rest rescaled) is detected when r >= detectable_relative_shift(N, p).
-# With N_DRAWS = 20,000 draws (the property tests) that is 8% for p = 0.3; the targeted check
+# token's probability p (the rest rescaled) is detected when r >= detectable_relative_shift(N, p), the
+# best case of a one-degree-of-freedom test. With N_DRAWS = 20,000 draws (the property tests) that is
+# 8% for p = 0.3 (the first token's V-1 degrees of freedom need 8.4% at V = 3 and 9.2% at V = 8, and
+# deeper tokens, whose draws split over prefixes, need more); the targeted check
 # below runs POWER_DRAWS in one batched call, which detects 1.6% for p = 0.3, so a 2% relative
 # change of one mid-probability token's acceptance is caught.
 POWER_DRAWS = 500_000

@@ -118,6 +118,8 @@ def resolve_head(method: str, target, checkpoint: Any) -> LoadedHead:
     catalogue names for the method."""
     arch = catalogue.identity(method).head if catalogue.identity(method) else None
     if isinstance(checkpoint, LoadedHead):
+        if arch is not None and checkpoint.arch != arch:
+            raise CheckpointError(f"method {method} drafts with a {arch} head, not the given {checkpoint.arch} head")
         checkpoint = checkpoint if checkpoint.source is not None else checkpoint.head
     if isinstance(checkpoint, LoadedHead):
         return checkpoint

@@ -9,9 +9,9 @@
 - `losses`: the loss terms as pure functions.
 - `trainer`: a generic accelerate loop over a task (AdamW, warm-up, clipping, JSONL loss log, resumable state).
 - `pipeline`: `train(task, ...)` and `main(task, argv)`, behind `specbench train --method M`.
-- `eagle`: the EAGLE task.
+- `eagle`, `hass`: the EAGLE and HASS tasks.
 
 Submodules are imported lazily (torch/transformers/datasets are heavy).
 """
 
-__all__ = ["sharegpt", "features", "tasks", "losses", "trainer", "pipeline", "eagle"]
+__all__ = ["sharegpt", "features", "tasks", "losses", "trainer", "pipeline", "eagle", "hass"]

@@ -164,3 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import main as pipeline_main
 
     return pipeline_main(HassTask, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ import torch
 
 from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
 from ..logs import configure, log_file
-from ..models.draft_heads import DRAFT_VOCAB_FILE, load_head, save_head
+from ..models.draft_heads import DRAFT_VOCAB_FILE, checkpoint_sha256, load_head, save_head
 from .tasks import Task, add_options, options_from_args
 from .trainer import TrainConfig, train_loop
 
@@ -126,7 +126,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     init_info = None
     if init_from is not None:
         init_from = Path(init_from)
-        init_info = {"path": str(init_from), "weights_sha256": sha256_file(init_from / "model.safetensors")}
+        init_info = {"path": str(init_from), "weights_sha256": checkpoint_sha256(init_from)}
         if (init_from / "MANIFEST.json").is_file():
             init_info["manifest"] = json.loads((init_from / "MANIFEST.json").read_text())
         fp["init_from_sha256"] = init_info["weights_sha256"]
@@ -157,7 +157,9 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     dv = write_draft_vocab(out, cache, head.vocab_size)
 
     ho = heldout_conversations(data, heldout) if heldout else []
-    hacc = heldout_accuracy(head, model, loaded.tokenizer, ho, max_tokens) if ho else None
+    # measured on the exported checkpoint, loaded as decoding loads it (a task may train with another attention)
+    exported = load_head(out, model, task.arch).head
+    hacc = heldout_accuracy(exported, model, loaded.tokenizer, ho, max_tokens) if ho else None
     if hacc:
         log.info(f"held-out top-1 agreement with the target: {hacc['top1']:.4f} on {hacc['tokens']} tokens "
                  f"of {hacc['conversations']} conversations")
