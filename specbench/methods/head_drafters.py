@@ -494,10 +494,10 @@ def dynamic_tree_method(name: str, description: str, train) -> Method:
     """A method that drafts EAGLE-2's dynamic tree over its own head (`resolve_head(name, ...)`): EAGLE-2
     itself, and HASS, which differs only in how its head is trained."""
 
-    def drafter(target, sampling, generator, checkpoint: Any = "", depth: int = 6, top_k: int = 10,
-                total_tokens: int = 60, draft_vocab: int = 0) -> DynamicTreeDrafter:
-        return DynamicTreeDrafter(resolve_head(name, target, checkpoint), int(depth), int(top_k), int(total_tokens),
-                                  draft_vocab=int(draft_vocab))
+    def drafter(target, sampling, generator, **params: Any) -> DynamicTreeDrafter:
+        p = {**DYNAMIC_TREE_DEFAULTS, **params}  # Method.params has checked the names
+        return DynamicTreeDrafter(resolve_head(name, target, p["checkpoint"]), int(p["depth"]), int(p["top_k"]),
+                                  int(p["total_tokens"]), draft_vocab=int(p["draft_vocab"]))
 
     return Method(name, description, drafter, train=train, defaults=dict(DYNAMIC_TREE_DEFAULTS),
                   draft_budget=lambda p: {"tree_nodes": int(p["total_tokens"]), "draft_vocab": int(p["draft_vocab"])})
