@@ -16,11 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_target
-from test_lossless_e2e import CHECKPOINT_BUILDERS, METHODS, _tree_for_test, build_drafter, greedy_prompts, next_logits
+from test_lossless_e2e import METHODS, _tree_for_test, build_drafter, checkpoint_params, greedy_prompts, next_logits
 
 from specbench.decoding import SamplingConfig, generate, make_generator
 from specbench.decoding.numerics import classify_divergence, logit_tolerance
-from specbench.methods import DrafterBase, get_method
+from specbench.methods import DrafterBase
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -46,22 +46,8 @@ def targets(fp32_target):
 
 @pytest.fixture(scope="module")
 def head_params(fp32_target, tmp_path_factory):
-    """name -> method parameters; a head checkpoint is fitted once to the float32 target and loads
-    into each dtype (the loader casts it to the target's)."""
-    made: dict[str, str] = {}
-
-    def params_for(name: str) -> dict:
-        method = get_method(name)
-        if not method.needs_checkpoint:
-            return {}
-        arch = method.identity.head or name
-        if arch not in made:
-            d = tmp_path_factory.mktemp(f"{arch}-head")
-            CHECKPOINT_BUILDERS[arch](fp32_target, d)
-            made[arch] = str(d)
-        return {"checkpoint": made[arch]}
-
-    return params_for
+    """name -> method parameters; a head made for the float32 target loads into each dtype (cast by the loader)."""
+    return checkpoint_params(fp32_target, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

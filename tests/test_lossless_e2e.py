@@ -149,9 +149,9 @@ def _distilled_eagle_checkpoint(target, d: Path) -> None:
 CHECKPOINT_BUILDERS = {"eagle": _distilled_eagle_checkpoint}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(target, tmp_path_factory):
-    """name -> the method parameters that point it at a random draft checkpoint for `target` ({} if none)."""
+def checkpoint_params(target, tmp_path_factory):
+    """name -> the method parameters that point it at a draft checkpoint made for `target` ({} if it needs
+    none); one checkpoint per architecture, made on first use. A head loads into any dtype of the target."""
     made: dict[str, str] = {}
 
     def params_for(name: str) -> dict:
@@ -169,6 +169,11 @@ def checkpoints(target, tmp_path_factory):
         return {"checkpoint": made[arch]}
 
     return params_for
+
+
+@pytest.fixture(scope="module")
+def checkpoints(target, tmp_path_factory):
+    return checkpoint_params(target, tmp_path_factory)
 
 
 def build_drafter(name: str, target, sampling: SamplingConfig, generator, checkpoints):

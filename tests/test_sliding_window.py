@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lossless_e2e import greedy_prompts, next_logits
 
 import specbench.models.target as target_mod
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_generator
 from specbench.errors import SpecbenchError
 from specbench.methods import DrafterBase, get_method
-from specbench.models.loading import tiny_llama, tiny_mistral
+from specbench.models.loading import tiny_llama, tiny_mistral, tiny_random, tiny_sizes
 from specbench.models.registry import ModelError
 from specbench.models.target import Target, attention_window
 
@@ -43,43 +44,14 @@ def tiny_qwen2(sliding_window: int | None, max_window_layers: int, seed: int = 0
     """A tiny random Qwen2 (sizes and init of tiny_llama); sliding layers are those >= max_window_layers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=512, use_sliding_window=sliding_window is not None,
-        sliding_window=sliding_window, max_window_layers=max_window_layers, initializer_range=0.5,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa", dtype="float32")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    return model.to(torch.float32).eval().requires_grad_(False)
+    config = Qwen2Config(**tiny_sizes(VOCAB, 32, 2, 4, 2, 64, 512), use_sliding_window=sliding_window is not None,
+                         sliding_window=sliding_window, max_window_layers=max_window_layers)
+    return tiny_random(Qwen2ForCausalLM, config, seed)
 
 
 @pytest.fixture(scope="module", params=WINDOWS, ids=lambda w: f"window{w}")
 def target(request):
     return Target(tiny_mistral(sliding_window=request.param).model, name=f"tiny-mistral-w{request.param}")
-
-
-@torch.inference_mode()
-def next_logits(model, seqs: list[list[int]]) -> torch.Tensor:
-    """Uncached forwards of equal-length sequences -> (len(seqs), V) last-position logits (the reference)."""
-    return model(input_ids=torch.tensor(seqs)).logits[:, -1].float()
-
-
-def greedy_prompts(model, count: int = 3) -> list[list[int]]:
-    """s + [X] + t + s whose greedy next token is X, as in test_lossless_e2e: prompt lookup drafts X, *t, ...
-    and its first token is accepted, the later ones are often not."""
-    g = torch.Generator().manual_seed(1)
-    found = []
-    for _ in range(200):
-        s, t = torch.randint(0, VOCAB, (5,), generator=g).tolist(), torch.randint(0, VOCAB, (3,), generator=g).tolist()
-        cands = [s + [x] + t + s for x in range(VOCAB)]
-        best = next_logits(model, cands).argmax(-1)
-        hits = [x for x in range(VOCAB) if int(best[x]) == x]
-        if hits:
-            found.append(cands[hits[0]])
-            if len(found) == count:
-                return found
-    raise AssertionError("no prompt whose greedy continuation repeats an earlier one: change the seeds")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ from .registry import EMBEDDED, EmbeddedModel, ModelError, cache_dir, fetch_embe
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "tiny_mistral",
-           "weights_sha256_of_dir"]
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "tiny_mistral", "tiny_random",
+           "tiny_sizes", "weights_sha256_of_dir"]
 
 MANIFEST = "specbench-cache.json"
 _CACHE_FORMAT = 2  # 2: safetensors metadata format=pt and a tied head stored as the embedding (both for 4.56)
@@ -410,6 +410,24 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "auto", device: str | to
     return LoadedModel(_finish(model, dev), _load_tokenizer(snap), spec, weights_sha256_of_dir(snap, cache), "hf-cache")
 
 
+def tiny_random(model_cls, config, seed: int = 0):
+    """A random float32 `model_cls(config)` on cpu in eval mode without gradients, deterministic given `seed`
+    (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.to(torch.float32).eval().requires_grad_(False)
+
+
+def tiny_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+                max_position_embeddings) -> dict:
+    """The config keys the tiny test models share (init std 0.5: see tiny_llama)."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+                max_position_embeddings=max_position_embeddings, initializer_range=0.5, bos_token_id=None,
+                eos_token_id=None, pad_token_id=None, attn_implementation="sdpa", dtype="float32")
+
+
 def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
                num_kv_heads: int = 2, intermediate_size: int = 64, max_position_embeddings: int = 512,
                seed: int = 0, tie_word_embeddings: bool = False) -> LoadedModel:
@@ -421,19 +439,10 @@ def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2,
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        initializer_range=0.5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        attn_implementation="sdpa", dtype="float32",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model = model.to(torch.float32)
-    model.eval()
-    model.requires_grad_(False)
+    config = LlamaConfig(**tiny_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
+                                       intermediate_size, max_position_embeddings),
+                         tie_word_embeddings=tie_word_embeddings)
+    model = tiny_random(LlamaForCausalLM, config, seed)
     return LoadedModel(model, None, f"tiny-llama-seed{seed}", state_dict_sha256(model), "random")
 
 
@@ -443,17 +452,8 @@ def tiny_mistral(sliding_window: int | None = 8, vocab_size: int = 64, hidden_si
     """A random float32 MistralForCausalLM on cpu (every layer attends within `sliding_window`), as tiny_llama."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, sliding_window=sliding_window,
-        initializer_range=0.5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        attn_implementation="sdpa", dtype="float32",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MistralForCausalLM(config)
-    model = model.to(torch.float32)
-    model.eval()
-    model.requires_grad_(False)
+    config = MistralConfig(**tiny_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
+                                         intermediate_size, max_position_embeddings),
+                           sliding_window=sliding_window)
+    model = tiny_random(MistralForCausalLM, config, seed)
     return LoadedModel(model, None, f"tiny-mistral-w{sliding_window}-seed{seed}", state_dict_sha256(model), "random")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class Phase:
     subdir: str | None = None  # None: the command's --out; else --out/subdir (a phase the next one starts from)
 
 
-class Task:
-    """Defaults shared by the feature-level heads: EAGLE's one-position shift, no augmentation."""
+class Task(abc.ABC):
+    """A method's training; the defaults are those of the feature-level heads: EAGLE's one-position shift,
+    no augmentation, one phase."""
 
     name: ClassVar[str] = ""
     arch: ClassVar[str] = ""
@@ -53,8 +55,9 @@ class Task:
         self.opts = opts if opts is not None else self.Options()
         self.generator: torch.Generator | None = None
 
+    @abc.abstractmethod
     def make_head(self, model, data=None, seed: int = 0) -> torch.nn.Module:
-        raise NotImplementedError
+        """A fresh trainable head of architecture `arch` for the target `model`."""
 
     def trainable(self, head: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in head.parameters() if p.requires_grad]
@@ -65,8 +68,9 @@ class Task:
     def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         return batch
 
+    @abc.abstractmethod
     def loss(self, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        raise NotImplementedError
+        """{"loss": the scalar to back-propagate, name: scalar to log, ...}."""
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.opts)
