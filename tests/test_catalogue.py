@@ -14,7 +14,7 @@ from specbench.bench import compare as C
 from specbench.bench import specbench_jsonl as SB
 from specbench.methods import Identity, Method, available_methods, catalogue
 
-PAPER_ONLY = {"fspad", "tvdpp", "kld", "tvd", "sps", "medusa", "hydra"}
+PAPER_ONLY = {"tvdpp", "kld", "tvd", "sps", "medusa", "hydra"}
 
 
 def test_registered_methods_take_their_identity_from_the_catalogue():
@@ -52,9 +52,10 @@ def test_checkpoints_live_on_the_method():
     assert m["eagle"].needs_checkpoint and m["eagle2"].needs_checkpoint
     assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
     assert m["eagle2"].identity.draft_of == "eagle"
-    for name in ("eagle", "eagle2"):
+    heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m"}
+    for name, want in heads.items():
         head = m[name].default_checkpoint("smollm2-135m")
-        assert head == "eagle-smollm2-135m" == E.default_checkpoint_dir(name).name
+        assert head == want == E.default_checkpoint_dir(name).name
         assert m[name].default_checkpoint("llama2-chat-7b") is None
         assert E.default_checkpoint_dir(name).is_dir()
     assert m["pld"].default_checkpoint("smollm2-135m") is None
@@ -66,9 +67,9 @@ def test_a_method_without_its_own_default_head_never_loads_another_methods():
     import specbench.methods.head_drafters as E
     from specbench.models.draft_heads import CheckpointError
 
-    target = tiny_target(name="smollm2-135m")  # named as the embedded target, whose committed head is EAGLE's
-    with pytest.raises(CheckpointError, match="method hass needs a draft checkpoint .*no committed default head"):
-        E.resolve_head("hass", target, "")
+    target = tiny_target(name="smollm2-135m")  # named as the embedded target, whose committed heads are others'
+    with pytest.raises(CheckpointError, match="method fspad needs a draft checkpoint .*no committed default head"):
+        E.resolve_head("fspad", target, "")
 
 
 def test_a_plugin_gets_an_identity_of_its_own():

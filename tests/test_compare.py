@@ -325,10 +325,10 @@ def test_a_partial_run_is_judged_on_the_prompts_it_finished(tmp_path):
 
 
 def test_claims_name_unimplemented_methods(tmp_path):
-    runs = [C.run_from_document(make_doc("fspad", step=3, params={}), "fspad.json"),
-            C.run_from_document(make_doc("eagle2", step=2, params=dict(EAGLE2_AT, total_tokens=11)), "e2.json")]
-    [cr] = [c for c in C.check_claims(runs, C.load_claims(CLAIMS_FILE)) if c["claim"]["id"] == "fspad_gt_eagle2"]
-    assert not cr["checked"] and "fspad not implemented here" in cr["reason"]
+    runs = [C.run_from_document(make_doc("tvdpp", dataset="cnn_dm", step=3, params={}), "tvdpp.json"),
+            C.run_from_document(make_doc("kld", dataset="cnn_dm", step=2, params={}), "kld.json")]
+    [cr] = [c for c in C.check_claims(runs, C.load_claims(CLAIMS_FILE)) if c["claim"]["id"] == "tvdpp_gt_kld"]
+    assert not cr["checked"] and "tvdpp and kld not implemented here" in cr["reason"]
 
 
 # ---------------------------------------------------------------- gate

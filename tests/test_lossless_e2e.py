@@ -114,11 +114,10 @@ def exact_rows(model, prompt: list[int], emitted: torch.Tensor, cfg: SamplingCon
 
 # --------------------------------------------------------------------------- drafters
 
-def _distilled_eagle_checkpoint(target, d: Path) -> None:
-    """An EAGLE head fitted in ~100 steps (a few seconds) to the tiny target's own T=1 text, with the
-    project's loss: any weights keep decoding lossless, but only a head that drafts what the target
-    says gets drafts accepted, which the sampling tests need to be more than vacuous."""
-    from specbench.training.eagle import EagleOptions, EagleTask
+def _distilled_checkpoint(task, target, d: Path) -> None:
+    """A head of `task`'s architecture fitted in ~100 steps (a few seconds) to the tiny target's own T=1
+    text, with the task's loss: any weights keep decoding lossless, but only a head that drafts what the
+    target says gets drafts accepted, which the sampling tests need to be more than vacuous."""
     from specbench.training.features import target_hidden_states
 
     model = target.model
@@ -132,7 +131,6 @@ def _distilled_eagle_checkpoint(target, d: Path) -> None:
             hidden = target_hidden_states(model, ids)
         rows = [{"input_ids": ids[i], "loss_mask": torch.ones(ids.shape[1]), "hidden": hidden[i]}
                 for i in range(len(ids))]
-        task = EagleTask(EagleOptions(embed_init_scale=1.0))
         head = task.make_head(model, seed=0)
         opt = torch.optim.AdamW(task.trainable(head), lr=1e-2)
         for step in range(100):
@@ -140,13 +138,25 @@ def _distilled_eagle_checkpoint(target, d: Path) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    save_head(head.eval(), "eagle", d)
+    save_head(head.eval(), task.arch, d)
+
+
+def _eagle_checkpoint(target, d: Path) -> None:
+    from specbench.training.eagle import EagleOptions, EagleTask
+
+    _distilled_checkpoint(EagleTask(EagleOptions(embed_init_scale=1.0)), target, d)
+
+
+def _fspad_checkpoint(target, d: Path) -> None:
+    from specbench.training.fspad import FspadOptions, FspadTask
+
+    _distilled_checkpoint(FspadTask(FspadOptions(embed_init_scale=1.0)), target, d)
 
 
 # Losslessness must hold for any draft weights, so a checkpoint made here for the tiny target drives a
 # head method's whole path. Keyed by draft-head architecture (`Identity.head`, else the method's name):
 # a registered method that needs a checkpoint of an architecture missing here fails, never skips.
-CHECKPOINT_BUILDERS = {"eagle": _distilled_eagle_checkpoint}
+CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint}
 
 
 def checkpoint_params(target, tmp_path_factory):

@@ -6,11 +6,12 @@ predicts the next features; the tree drafters (`specbench.methods.head_drafters`
 drive any registered head through `DraftHead`, so a new head is a module plus a `HeadArch` record.
 
 Checkpoint directory: ``config.json`` (the architecture's own config keys, plus ``specbench_head``
-naming the architecture; an official EAGLE checkpoint names none and is read as ``eagle``) and
-``model.safetensors`` or ``pytorch_model.bin``. Loading is strict: a missing or unexpected key or a
-shape that differs from what the config describes is a `CheckpointError` naming them. Keys that copy
-a target weight (EAGLE's trainer saves ``embed_tokens.weight``) are checked against the target (a
-head trained for another target is refused) and dropped: the target's own module is used.
+naming the architecture; an official checkpoint names none and is read as the architecture its
+method asks for, ``eagle`` when none asks) and ``model.safetensors`` or ``pytorch_model.bin``.
+Loading is strict: a missing or unexpected key or a shape that differs from what the config
+describes is a `CheckpointError` naming them. Keys that copy a target weight (EAGLE's trainer saves
+``embed_tokens.weight``) are checked against the target (a head trained for another target is
+refused) and dropped: the target's own module is used.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class LoadedHead:
 # ------------------------------------------------------------------ registry
 
 # Built-in architectures by module: imported on first use, so this module needs none of them.
-_BUILTIN = {"eagle": "specbench.models.eagle_head:EAGLE_ARCH"}
+_BUILTIN = {"eagle": "specbench.models.eagle_head:EAGLE_ARCH", "fspad": "specbench.models.fspad_head:FSPAD_ARCH"}
 _ARCHS: dict[str, HeadArch] = {}
 
 
@@ -229,14 +230,15 @@ def _check_copy(key: str, ckpt: torch.Tensor, ref: torch.Tensor, wfile: Path, tn
 def load_head(path: str | os.PathLike, target, arch: str | None = None) -> LoadedHead:
     """Load a draft head for `target` (a specbench Target or an HF causal LM), strictly.
 
-    The architecture is config.json's ``specbench_head`` (default ``eagle``); `arch`, when given, must
-    match it. Weights are cast to the target's dtype; the head is in eval mode without gradients.
+    The architecture is config.json's ``specbench_head``; `arch`, when given, must match it. A config.json
+    that names none (an official checkpoint) holds an `arch` head, or an ``eagle`` head when `arch` is None.
+    Weights are cast to the target's dtype; the head is in eval mode without gradients.
     """
     d = Path(path)
     cfg = read_checkpoint_config(d)
     tcfg = target_parts(target)[0]
     tname = getattr(target, "name", "") or getattr(tcfg, "_name_or_path", "") or "the target"
-    name = str(cfg.get(ARCH_KEY, "eagle"))
+    name = str(cfg.get(ARCH_KEY) or arch or "eagle")  # official checkpoints name no architecture
     if arch is not None and name != arch:
         raise CheckpointError(f"draft checkpoint {d} holds a {name} head, not a {arch} head; pass a {arch} checkpoint")
     spec = head_arch(name)
@@ -255,11 +257,11 @@ def load_head(path: str | os.PathLike, target, arch: str | None = None) -> Loade
         hint = spec.key_hint(cfg, missing + unexpected)
         raise CheckpointError(f"draft checkpoint {wfile} does not match an {name} head{hint}: " + "; ".join(parts)
                               + f"; {_what_to_do(tname)}")
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs expected {shape}" for k, shape in expected.items()
-           if tuple(sd[k].shape) != shape]
+    bad = [k for k, shape in expected.items() if tuple(sd[k].shape) != shape]
     if bad:
-        raise CheckpointError(f"draft checkpoint {wfile} has wrong shapes ({'; '.join(bad)}); its config.json does "
-                              "not describe its weights")
+        shapes = "; ".join(f"{k}: checkpoint {tuple(sd[k].shape)} vs expected {expected[k]}" for k in bad)
+        raise CheckpointError(f"draft checkpoint {wfile} has wrong shapes ({shapes}); its config.json does "
+                              f"not describe its weights{spec.key_hint(cfg, bad)}")
     head = spec.build(target, cfg)
     own = head.state_dict()
     head.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in sd.items()}}, strict=True)

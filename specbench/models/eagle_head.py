@@ -39,7 +39,7 @@ from torch import nn
 from .draft_heads import CheckpointError, HeadArch, target_parts
 from .hf_compat import cache_kwargs
 
-__all__ = ["EAGLE_ARCH", "EagleHead"]
+__all__ = ["EAGLE_ARCH", "EagleHead", "head_config", "head_from_config"]
 
 EMBED_KEY = "embed_tokens.weight"
 
@@ -120,12 +120,13 @@ class EagleHead(nn.Module):
         self.rotary_emb = rotary_cls(config=cfg).to(ref.device)
 
     @classmethod
-    def for_target(cls, target, fc_bias: bool = True, config=None) -> EagleHead:
-        """A randomly initialised head for `target` (a specbench Target or an HF causal LM)."""
+    def for_target(cls, target, fc_bias: bool = True, config=None, **options):
+        """A randomly initialised head for `target` (a specbench Target or an HF causal LM); `options` go to
+        the constructor of a subclass."""
         tcfg, embed, lm_head, body = target_parts(target)
         layer_cls, rotary_cls = _layer_classes(tcfg, body)
         return cls(config if config is not None else tcfg, embed, lm_head, fc_bias,
-                   layer_cls=layer_cls, rotary_cls=rotary_cls)
+                   layer_cls=layer_cls, rotary_cls=rotary_cls, **options)
 
     # -- frozen parts
     @property
@@ -185,13 +186,26 @@ class EagleHead(nn.Module):
             position_ids = position_ids[None].expand(B, T)
         with torch.no_grad():
             emb = self._embed_tokens(input_ids)
-        h = self.fc(torch.cat((emb.to(features.dtype), features), dim=-1))
+        h = self.fuse(emb.to(features.dtype), features)
         past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         mask = self._mask(attention_mask, B, T, past, h.dtype, h.device)
         pos_emb = self.rotary_emb(h, position_ids)
+        return self.decode(h, mask, position_ids, pos_emb, past_key_values)
+
+    def fuse(self, emb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input from the next token's embedding and the feature: ``fc(cat(e, f))``."""
+        return self.fc(torch.cat((emb, features), dim=-1))
+
+    def decode(self, h: torch.Tensor, mask, position_ids, pos_emb, past_key_values) -> torch.Tensor:
+        """The draft's decoder layer over `h` (a subclass may change what it outputs)."""
         out = self.layers[0](h, attention_mask=mask, position_ids=position_ids,
                              position_embeddings=pos_emb, **cache_kwargs(self.layers[0], past_key_values))
         return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def input_fc(self) -> nn.Linear:
+        """The 2H -> H linear over ``cat(e, f)`` (its embedding half is what `embed_init_scale` scales)."""
+        return self.fc
 
     def logits(self, predicted_features: torch.Tensor) -> torch.Tensor:
         """The target's LM head over predicted features; gradients reach the features, never its weights."""
@@ -218,29 +232,37 @@ class EagleHead(nn.Module):
 # ------------------------------------------------------------------ the architecture record
 
 
-def _build(target, cfg_dict: dict | None) -> EagleHead:
-    """A random EAGLE head for `target`, shaped by an EAGLE config.json dict (None: the target's own config)."""
+def head_from_config(target, cfg_dict: dict | None, cls: type[EagleHead] = EagleHead, own_keys: tuple[str, ...] = (),
+                     **options) -> EagleHead:
+    """A random head of class `cls` (EagleHead or a subclass) for `target`, shaped by an EAGLE-style config.json
+    dict (None: the target's own config); `own_keys` are the subclass's config keys (not Llama config fields),
+    `options` its constructor options."""
     if cfg_dict is None:
-        return EagleHead.for_target(target)
+        return cls.for_target(target, **options)
     tcfg, embed, lm_head, body = target_parts(target)
     tname = getattr(target, "name", "") or getattr(tcfg, "_name_or_path", "") or "the target"
     t_sizes = {"hidden_size": int(embed.weight.shape[1]), "vocab_size": int(lm_head.weight.shape[0])}
     for key, size in t_sizes.items():
         if key not in cfg_dict:
-            raise CheckpointError(f"the EAGLE draft config has no {key}")
+            raise CheckpointError(f"the draft config has no {key}")
         if int(cfg_dict[key]) != size:
             raise CheckpointError(f"draft checkpoint has {key} {cfg_dict[key]} but {tname} has {size}; use a draft "
                                   f"checkpoint trained for {tname} (or train one with `specbench train ...`)")
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("bias", "architectures", "auto_map", "specbench_head")}
+    clean = {k: v for k, v in cfg_dict.items()
+             if k not in ("bias", "architectures", "auto_map", "specbench_head", *own_keys)}
     try:
         cfg = tcfg.__class__(**clean)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot build the EAGLE draft layer from its config.json: "
+        raise CheckpointError(f"cannot build the draft layer from its config.json: "
                               f"{type(e).__name__}: {e}") from e
-    return EagleHead.for_target(target, fc_bias=bool(cfg_dict.get("bias", True)), config=cfg)
+    return cls.for_target(target, fc_bias=bool(cfg_dict.get("bias", True)), config=cfg, **options)
 
 
-def _config(head: EagleHead) -> dict:
+def _build(target, cfg_dict: dict | None) -> EagleHead:
+    return head_from_config(target, cfg_dict)
+
+
+def head_config(head: EagleHead) -> dict:
     """config.json of an EAGLE checkpoint (what EAGLE's EConfig reads, plus `bias`)."""
     cfg = head.config.to_dict()
     for k in ("_attn_implementation", "_attn_implementation_autoset", "_name_or_path", "dtype", "torch_dtype",
@@ -263,7 +285,7 @@ def _arch_name(head: EagleHead) -> str:
 
 
 EAGLE_ARCH = HeadArch(
-    "eagle", _build, _config,
+    "eagle", _build, head_config,
     copies={EMBED_KEY: lambda target: target_parts(target)[1].weight},
     key_hint=lambda cfg, keys: (f" (config.json says bias={bool(cfg.get('bias', True))}; the fc.bias key must agree)"
                                 if "fc.bias" in keys else ""),

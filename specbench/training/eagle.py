@@ -65,8 +65,9 @@ def add_feature_noise(feats: torch.Tensor, kind: str, std: float, generator: tor
     raise ValueError(f"unknown noise kind {kind!r} (uniform, gaussian, none)")
 
 
-def build_head(model, seed: int = 0, fc_bias: bool = True, embed_init_scale: float = 1.0):
-    """A fresh EAGLE head for HF causal LM `model` (random init from `seed`, float32, trainable).
+def build_head(model, seed: int = 0, fc_bias: bool = True, embed_init_scale: float = 1.0, cls=None, **options):
+    """A fresh EAGLE head (or one of subclass `cls`, with its constructor `options`) for HF causal LM
+    `model` (random init from `seed`, float32, trainable).
 
     `embed_init_scale` multiplies the initial weights of fc's embedding half (fc input = cat(e, f)). The
     target's features (post-norm hidden states) are often an order of magnitude larger than its token
@@ -78,24 +79,27 @@ def build_head(model, seed: int = 0, fc_bias: bool = True, embed_init_scale: flo
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = EagleHead.for_target(model, fc_bias=fc_bias)
+        head = (cls or EagleHead).for_target(model, fc_bias=fc_bias, **options)
     head.float()
     if embed_init_scale != 1.0:
         with torch.no_grad():
-            head.fc.weight[:, :head.hidden_size].mul_(embed_init_scale)
+            head.input_fc.weight[:, :head.hidden_size].mul_(embed_init_scale)
     head.requires_grad_(True)
     return head
 
 
-def eagle_loss(head, pred: torch.Tensor, batch: dict, target_head_fn, opts: EagleOptions,
+def eagle_loss(head, out: torch.Tensor, batch: dict, target_head_fn, opts: EagleOptions,
                generator: torch.Generator | None = None, extra=None) -> dict:
-    """EAGLE's loss of predicted features `pred` for `batch` (see the module docstring).
+    """EAGLE's loss of head outputs `out` for `batch` (see the module docstring): the feature term on
+    ``head.next_features(out)``, the distribution terms on ``head.token_features(out)`` (one and the same
+    predicted feature for EAGLE's head; FSPAD's regress and predict halves).
 
     `extra(head_logits, target_logits) -> {name: (weight, term)}`: further distribution terms on the same
     sampled rows (HASS's top-K term), added to the loss with their weights and logged by name."""
     mask = batch["loss_mask"].float()
     target = batch["target"]
-    vloss = feature_loss(pred, target, mask)
+    pred = head.token_features(out)
+    vloss = feature_loss(head.next_features(out), target, mask)
     sel = masked_positions(mask, opts.ce_fraction, generator)
     H = pred.shape[-1]
     if sel.numel():
@@ -115,7 +119,7 @@ def eagle_loss(head, pred: torch.Tensor, batch: dict, target_head_fn, opts: Eagl
 
 
 class EagleTask(Task):
-    """EAGLE's head, shift, feature noise and loss."""
+    """EAGLE's head, shift, feature noise and loss (a subclass may train another head class with them)."""
 
     name = "eagle"
     arch = "eagle"
@@ -137,14 +141,18 @@ class EagleTask(Task):
             scale = round(float(sample.std() / model.get_input_embeddings().weight.float().std()), 3)
         self.embed_scale = float(scale)
         self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
-        return build_head(model, seed=seed, embed_init_scale=self.embed_scale)
+        return build_head(model, seed=seed, embed_init_scale=self.embed_scale, **self.head_options())
+
+    def head_options(self) -> dict:
+        """`build_head`'s `cls` and constructor options (EAGLE's head: none)."""
+        return {}
 
     def augment(self, batch, generator):
         return {**batch, "features": add_feature_noise(batch["features"], self.opts.noise, self.opts.noise_std,
                                                        generator)}
 
     def forward(self, head, batch) -> torch.Tensor:
-        """The EAGLE forward: noisy target features + next tokens -> predicted next features (B, T, H)."""
+        """The head's forward: noisy target features + next tokens -> its outputs (B, T, .)."""
         return head(batch["input_ids"], batch["features"], batch["position_ids"],
                     attention_mask=batch["attention_mask"])
 

@@ -124,7 +124,8 @@ class HassTask(EagleTask):
                 out = head(ids.repeat(1, n), torch.cat(sets, 1), pos.repeat(1, n), attention_mask=allowed[:, None])
                 pred = out[:, -T:]
             preds.append(pred)
-            shifted = torch.cat([sets[-1][:, :1], pred[:, :-1]], 1).detach()
+            fed = getattr(head, "module", head).next_features(pred)  # what decoding feeds depth n + 1
+            shifted = torch.cat([sets[-1][:, :1], fed[:, :-1]], 1).detach()
             sets.append(shifted)
         return preds
 

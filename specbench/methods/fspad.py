@@ -1,0 +1,25 @@
+"""FSPAD (Gui et al., arXiv 2408.15562): EAGLE-2's dynamic tree over the FSPAD head
+(`specbench.models.fspad_head`: Feature Sampler + Partial Alignment Distillation), trained by
+`specbench.training.fspad`. The tree scores tokens with the head's predict half and feeds its regress
+half to the next depth (the head's `token_features` / `next_features`); the repository's ablations are
+heads of other variants, run with ``--param checkpoint=DIR``. Without an FSPAD checkpoint it refuses to
+run, never loading another architecture's head in its place.
+"""
+
+from __future__ import annotations
+
+from .head_drafters import dynamic_tree_method
+
+__all__ = ["FSPAD"]
+
+
+def _train(argv: list[str]) -> int:
+    """`specbench train --method fspad ...` (`--variant wofs|mlplin` for the ablations)."""
+    from ..training.fspad import main  # accelerate/datasets only when training
+
+    return main(argv)
+
+
+FSPAD = dynamic_tree_method(
+    "fspad", "FSPAD (Gui et al. 2024): EAGLE-2's dynamic tree over a head with a Feature Sampler and a "
+    "predict/regress split output (Partial Alignment Distillation)", _train)
