@@ -156,7 +156,18 @@ def _fspad_checkpoint(target, d: Path) -> None:
 # Losslessness must hold for any draft weights, so a checkpoint made here for the tiny target drives a
 # head method's whole path. Keyed by draft-head architecture (`Identity.head`, else the method's name):
 # a registered method that needs a checkpoint of an architecture missing here fails, never skips.
-CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint}
+def _layer_prefix_draft(target, d: Path) -> None:
+    """A draft LM for `sps`: the tiny target's first layer, its final norm and LM head (q close to p but not
+    equal, so drafts are often accepted and sometimes corrected)."""
+    import copy
+
+    draft = copy.deepcopy(target.model)
+    draft.model.layers = draft.model.layers[:1]
+    draft.config.num_hidden_layers = 1
+    draft.save_pretrained(d)
+
+
+CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft}
 
 
 def checkpoint_params(target, tmp_path_factory):
@@ -336,9 +347,9 @@ def sampling_prompts(model):
 
 
 def _sampling_params():
-    """T=1 for every method; the top-k/top-p case for pld by default, the others under -m slow
+    """T=1 for every method; the top-k/top-p case for pld and sps by default, the others under -m slow
     (top-k/top-p with sampled drafts is covered at the verifier level, tests/test_verify.py)."""
-    fast_topk = {"pld"}
+    fast_topk = {"pld", "sps"}  # sps: the one built-in method whose drafts are sampled from a real q
     for name in METHODS + [SAMPLED_TREE]:
         for cfg_name in SAMPLINGS:
             slow = cfg_name != "T1" and name not in fast_topk
@@ -472,7 +483,7 @@ PIT_BINS = 20
 def _pit_params():
     for name in METHODS + [SAMPLED_TREE]:
         if name != "vanilla":
-            yield pytest.param(name, id=name, marks=[] if name == "lookahead" else [pytest.mark.slow])
+            yield pytest.param(name, id=name, marks=[] if name in ("lookahead", "sps") else [pytest.mark.slow])
 
 
 def _candidate_orders(proposals: list[Proposal], root_tokens: list[int], steps: list[int],

@@ -187,17 +187,32 @@ class Target:
         """Start a new sequence: cache `ids` (may be empty)."""
         self.cache = buffer_cache(self.config)
         self.length = 0
+        return self.extend(ids)
+
+    @torch.inference_mode()
+    def extend(self, ids: list[int]) -> StepOutput:
+        """Append `ids` to the cached sequence (one causal forward, committed at once): the logits of the last
+        of them, the hidden states of all. A draft model's runtime drafts with it."""
+        if self.cache is None:
+            self.cache = buffer_cache(self.config)
         if not ids:
             empty = torch.empty(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
             return StepOutput(torch.empty(0, self.vocab_size, device=self.device), empty)
-        t = torch.tensor(ids, device=self.device)
-        mask = None
-        if self.window is not None:
-            n = len(ids)
-            mask = self._mask(torch.ones(n, n, dtype=torch.bool).tril(), torch.arange(n))
-        hidden = self._run(t, torch.arange(len(ids), device=self.device), mask)
-        self.length = len(ids)
+        n = len(ids)
+        positions = torch.arange(self.length, self.length + n)
+        # Causal attention after a full cache is what the model builds itself; a window is ours alone.
+        mask = None if self.window is None else self._mask(torch.ones(n, n, dtype=torch.bool).tril(), positions)
+        hidden = self._run(torch.tensor(ids, device=self.device), positions.to(self.device), mask)
+        self.length += n
         return StepOutput(self.head(hidden[-1:]).float(), hidden)
+
+    def truncate(self, length: int) -> None:
+        """Roll the cached sequence back to its first `length` tokens (a draft model's rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cached sequence of {self.length} tokens to {length}")
+        for layer in self.cache.layers if self.cache is not None else ():
+            layer.truncate(length)
+        self.length = length
 
     def _tree_mask(self, tree: Tree, prop: Proposal) -> torch.Tensor:
         n, m = len(tree), len(prop.extra_tokens)

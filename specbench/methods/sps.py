@@ -1,0 +1,117 @@
+"""sps: speculative sampling with a draft language model (Leviathan et al. 2023; Chen et al. 2023).
+
+Each step the draft LM extends the sequence by a chain of `gamma` tokens, each drawn from its own
+distribution q (the draft's logits under the run's temperature, top-k and top-p, exactly as the target's
+p; the argmax at T=0). The chain goes to the target in one forward and the loop's verifier accepts or
+corrects it with q, so the output is distributed as the target's whatever the draft. The draft runs on
+the same runtime as the target (`specbench.models.target.Target`): its KV cache holds the sequence, is
+extended by each draft token and rolled back (`Target.truncate`) to the accepted prefix after the step.
+
+Any causal LM with the target's vocabulary can draft (`--param checkpoint=PATH`, a local HF directory,
+a cached HF id or an embedded name). A draft whose tokenizer differs from the target's is refused: its
+token ids would mean other strings, and the drafts would be rejected garbage.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from ..decoding.sampling import SamplingConfig, probs, sample
+from ..decoding.tree import Proposal
+from ..errors import UsageError
+from ..models.draft_heads import CheckpointError
+from .base import DrafterBase, Method
+
+__all__ = ["DraftModelDrafter", "METHOD", "check_same_vocabulary"]
+
+
+class DraftModelDrafter(DrafterBase):
+    """Chains of `gamma` tokens from a draft model's q (`draft`: a specbench Target over the draft LM)."""
+
+    def __init__(self, draft, sampling: SamplingConfig, generator: torch.Generator | None, gamma: int):
+        if gamma < 1:
+            raise UsageError(f"gamma must be >= 1, not {gamma}")
+        self.draft, self.sampling, self.generator, self.gamma = draft, sampling, generator, int(gamma)
+        self.checkpoint_sha256 = getattr(draft, "weights_sha256", None) or None  # recorded in results files
+        self._base = 0  # length of the sequence the last proposal continued
+
+    @torch.inference_mode()
+    def begin(self, prompt: list[int], prefill) -> None:
+        self.draft.prefill(list(prompt[:-1]))  # as the target: the last prompt token is the first root
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int]) -> Proposal:
+        """The draft cache holds a prefix of `tokens`; feed the rest, then draw one token at a time."""
+        self._base = len(tokens)
+        pending = tokens[self.draft.length:]
+        gamma = min(self.gamma, self.draft.max_length - len(tokens))  # never past the draft's context
+        drafts: list[int] = []
+        rows = []
+        for _ in range(max(gamma, 0)):
+            logits = self.draft.extend(pending).logits[-1:]
+            if self.sampling.greedy:
+                token = int(logits.argmax(-1))
+            else:
+                q = probs(logits, self.sampling)
+                token = int(sample(q, self.generator))
+                rows.append(q[0])
+            drafts.append(token)
+            pending = [token]
+        # The last draft is not cached yet: it is fed (if accepted) with the next step's correction.
+        return Proposal.chain(drafts, torch.stack(rows) if rows else None)
+
+    def update(self, tree, verdict, out) -> None:
+        # Keep the sequence the proposal continued plus the accepted drafts; the new root is fed next time.
+        self.draft.truncate(min(self._base + len(verdict.path), self.draft.length))
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """Refuse (CheckpointError) a draft whose token ids are not the target's: another tokenizer (when both have
+    one), or an LM head of another size (q and p must be distributions over the same ids)."""
+    tt, dt = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
+    if tt is not None and dt is not None and tt.get_vocab() != dt.get_vocab():
+        differ = sorted(set(tt.get_vocab().items()) ^ set(dt.get_vocab().items()))[:3]
+        raise CheckpointError(f"the draft model {draft.name} has another tokenizer than the target {target.name} "
+                         f"(e.g. {differ}); sps needs a draft with the target's tokenizer")
+    if target.vocab_size != draft.vocab_size:
+        raise CheckpointError(f"the draft model {draft.name} scores {draft.vocab_size} token ids, the target "
+                         f"{target.name} {target.vocab_size}; sps needs a draft with the target's tokenizer and "
+                         "vocabulary")
+
+
+_DRAFTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+
+
+def _load_draft(target, spec: str):
+    """The draft model `spec` on the target's device and dtype (one per target: suites reuse it)."""
+    from ..models import load_model
+    from ..models.target import Target
+
+    if not spec:
+        raise CheckpointError("sps needs a draft model: pass --param checkpoint=PATH (a causal LM directory, a cached "
+                         "HF id or an embedded name, with the target's tokenizer)")
+    per_target = _DRAFTS.setdefault(target, {})
+    if spec not in per_target:
+        draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
+        check_same_vocabulary(target, draft)
+        per_target.clear()
+        per_target[spec] = draft
+    return per_target[spec]
+
+
+def _drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5) -> DraftModelDrafter:
+    draft = checkpoint if hasattr(checkpoint, "extend") else _load_draft(target, str(checkpoint))
+    return DraftModelDrafter(draft, sampling, generator, int(gamma))
+
+
+METHOD = Method(
+    "sps",
+    "speculative sampling (Leviathan et al. / Chen et al. 2023): a chain of gamma tokens from a draft LM's q, "
+    "verified with q",
+    _drafter,
+    defaults={"checkpoint": "", "gamma": 5},
+    draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1},
+)

@@ -1,0 +1,149 @@
+"""sps: the draft model's q is exactly its distribution given the sequence at every step (its KV cache
+rolled back right), greedy drafts are its argmax chain, and drafts of another vocabulary are refused.
+Losslessness end to end (greedy identity, the first tokens' and drafted steps' distributions) is in
+test_lossless_e2e, which runs every registered method."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_target
+
+from specbench.decoding import SamplingConfig, generate, make_generator, probs
+from specbench.errors import UsageError
+from specbench.methods import get_method
+from specbench.methods.sps import DraftModelDrafter, check_same_vocabulary
+from specbench.models.draft_heads import CheckpointError
+from specbench.models.target import Target
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    """The tiny target's first layer + its norm and LM head, on the shared runtime."""
+    model = copy.deepcopy(target.model)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    return Target(model, name="tiny-draft")
+
+
+@torch.inference_mode()
+def _uncached_next(model, seq: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([seq])).logits[0, -1:].float()
+
+
+class Checking(DraftModelDrafter):
+    """Records every proposal with the sequence it continued."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[list[int], list[int], torch.Tensor | None]] = []
+
+    def propose(self, tokens):
+        prop = super().propose(tokens)
+        self.seen.append((list(tokens), list(prop.tokens), prop.draft_probs))
+        return prop
+
+
+def _check_q(target, draft, cfg: SamplingConfig, drafter_cls=Checking, n_gen: int = 6, new: int = 20) -> int:
+    """Every proposal's q rows == probs(the draft's uncached logits at that prefix); returns the steps checked."""
+    g = make_generator(3)
+    drafter = drafter_cls(draft, cfg, g, gamma=3)
+    prompt_g = torch.Generator().manual_seed(8)
+    checked = 0
+    for _ in range(n_gen):
+        prompt = torch.randint(0, 64, (7,), generator=prompt_g).tolist()
+        generate(target, drafter, prompt, new, cfg, g, stop_ids=set())
+        for tokens, drafts, q in drafter.seen:
+            for i in range(len(drafts)):
+                want = probs(_uncached_next(draft.model, tokens + drafts[:i]), cfg)[0]
+                torch.testing.assert_close(q[i], want, atol=1e-5, rtol=1e-4)
+            checked += 1
+        drafter.seen.clear()
+    return checked
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1.0),
+                                 SamplingConfig(temperature=0.8, top_k=12, top_p=0.9)], ids=["T1", "topk-topp"])
+def test_q_is_the_draft_distribution_at_every_step(target, draft, cfg):
+    assert _check_q(target, draft, cfg) > 12
+
+
+def test_the_q_check_catches_rejected_drafts_left_in_the_cache(target, draft, monkeypatch):
+    """Mutation: the KV layers ignore the roll-back, so the rejected drafts stay in the draft's context."""
+    from specbench.models.target import BufferLayer
+
+    monkeypatch.setattr(BufferLayer, "truncate", lambda self, size: None)
+    with pytest.raises(AssertionError):
+        _check_q(target, draft, SamplingConfig(temperature=1.0))
+
+
+@torch.inference_mode()
+def test_greedy_drafts_are_the_draft_argmax_chain(target, draft):
+    cfg = SamplingConfig()
+    drafter = Checking(draft, cfg, None, gamma=4)
+    prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    gen = generate(target, drafter, prompt, 24, cfg, None, stop_ids=set())
+    assert len(gen.steps) < 24  # some drafts accepted
+    for tokens, drafts, q in drafter.seen:
+        assert q is None
+        seq = list(tokens)
+        for tok in drafts:
+            assert tok == int(_uncached_next(draft.model, seq).argmax())
+            seq.append(tok)
+
+
+def test_gamma_is_bounded_by_the_draft_context(target):
+    short = copy.deepcopy(target.model)
+    short.config.max_position_embeddings = 12
+    d = DraftModelDrafter(Target(short, name="short"), SamplingConfig(), None, gamma=5)
+    d.begin(list(range(10)), None)
+    assert len(d.propose(list(range(10))).tokens) == 2
+
+
+def test_other_vocabularies_are_refused(target):
+    bigger = tiny_target(vocab_size=80)
+    with pytest.raises(CheckpointError, match="scores 80 token ids, the target tiny 64"):
+        check_same_vocabulary(target, bigger)
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    a, b = copy.copy(target), copy.copy(target)
+    a.tokenizer, b.tokenizer = Tok({"x": 0, "y": 1}), Tok({"x": 0, "z": 1})
+    with pytest.raises(CheckpointError, match="another tokenizer than the target"):
+        check_same_vocabulary(a, b)
+    b.tokenizer = Tok({"x": 0, "y": 1})
+    check_same_vocabulary(a, b)
+
+
+def test_the_method_needs_a_draft_and_checks_it(target, tmp_path):
+    method = get_method("sps")
+    with pytest.raises(CheckpointError, match="sps needs a draft model: pass --param checkpoint=PATH"):
+        method.drafter(target, SamplingConfig(), None, **method.params())
+    tiny_target(vocab_size=80).model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="scores 80 token ids"):
+        method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": str(tmp_path)}))
+    with pytest.raises(UsageError, match="gamma must be >= 1"):
+        method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": target, "gamma": "0"}))
+
+
+@torch.inference_mode()
+def test_truncate_then_extend_equals_a_fresh_prefill(target):
+    seq = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    target.prefill(seq[:5])
+    target.extend(seq[5:9])
+    target.truncate(6)
+    got = target.extend(seq[6:])
+    want = target.prefill(seq)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.hidden, want.hidden[6:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot truncate a cached sequence of 12 tokens to 13"):
+        target.truncate(13)
