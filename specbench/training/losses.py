@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distribution_loss", "feature_loss", "masked_positions", "topk_distill_loss"]
+__all__ = ["TVDPP_STATS", "distribution_loss", "feature_loss", "kld_loss", "masked_positions", "topk_distill_loss",
+           "tvd", "tvd_loss", "tvdpp_loss"]
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,3 +47,82 @@ def masked_positions(mask: torch.Tensor, fraction: float, generator: torch.Gener
     k = max(1, int(round(idx.numel() * fraction)))
     perm = torch.randperm(idx.numel(), generator=generator, device="cpu")[:k].to(idx.device)
     return idx[perm]
+
+
+# ---------------------------------------------------------------- distillation objectives of a draft LM (TVD++)
+#
+# For one position, p = the target's distribution, q = q_theta the draft's (over the same ids).
+#
+# KLD: forward KL(p || q) = sum_v p log p - sum_v p log q; its gradient is -sum_v p(v) grad log q(v) (the
+#   soft-label cross-entropy's; the constant entropy of p is left out of the value).
+#
+# TVD(p, q) = 1/2 sum_v |p(v) - q(v)|. With grad q = q grad log q and sum_v grad q(v) = grad 1 = 0:
+#   grad TVD = 1/2 sum_v sign(q - p) grad q = 1/2 sum_v (1 - 2 r(v)) grad q(v)      (r(v) = 1[p(v) > q(v)])
+#            = - sum_v r(v) grad q(v) = - E_{v~q}[ r(v) grad log q(v) ],
+#   a policy gradient with reward r (where p = q exactly, sign is 0 and 1 - 2r is 1: a set of measure zero).
+#   `tvd_loss` is its exact-expectation surrogate  - sum_v sg(q(v)) r(v) log q(v)  (sg: no gradient), whose
+#   gradient is grad TVD (its value is not TVD: `tvd` gives that, for logging).
+#
+# TVD++ replaces the reward by a normalised advantage A = (r - mu) / (sigma + eps), as policy-gradient
+#   methods do to reduce variance:  - sum_v sg(q(v)) A(v) log q(v).  The paper's definition of mu and sigma
+#   was not available; `stats` chooses them, both as moments of r under q (the distribution the policy
+#   gradient's expectation is taken over):
+#   * "position": per position, mu = sum_v q r (the draft's mass where it under-covers p) and
+#     sigma^2 = sum_v q (r - mu)^2 = mu (1 - mu) (r is 0/1). The baseline then adds nothing to the gradient
+#     (sum_v q grad log q = 0): TVD++ is TVD's gradient scaled by 1 / (sigma_t + eps) at each position, which
+#     weights most the positions where q's mass is split between over- and under-covered tokens;
+#   * "batch": one mu and sigma over all masked positions of the batch (q-weighted, each position counting
+#     once): a single scale of TVD's gradient per batch plus a baseline that, again, adds nothing in
+#     expectation.
+#   With exact expectations over the vocabulary the baseline is variance-free, so what TVD++ changes is the
+#   scale: that is what these tests check and what the study measures.
+
+TVDPP_STATS = ("position", "batch")
+
+
+def _masked_mean(per: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per * mask).sum() / (mask.sum() + 1e-5)
+
+
+def kld_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p || q) up to p's entropy (the soft-label cross-entropy), masked mean over positions (..., V)."""
+    p = torch.softmax(target_logits.float(), -1)
+    return _masked_mean(-(p * torch.log_softmax(draft_logits.float(), -1)).sum(-1), mask)
+
+
+def _reward(draft_logits: torch.Tensor, target_logits: torch.Tensor):
+    logq = torch.log_softmax(draft_logits.float(), -1)
+    q = logq.exp()
+    p = torch.softmax(target_logits.float(), -1)
+    return p, q, logq, (p > q.detach()).float()
+
+
+def tvd(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TVD(p, q) = 1/2 sum_v |p - q|, masked mean over positions (differentiable, the reference of the tests)."""
+    p, q, _, _ = _reward(draft_logits, target_logits)
+    return _masked_mean(0.5 * (p - q).abs().sum(-1), mask)
+
+
+def tvd_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The policy-gradient surrogate of TVD (see above): its gradient is TVD's; masked mean over positions."""
+    _, q, logq, r = _reward(draft_logits, target_logits)
+    return _masked_mean(-(q.detach() * r * logq).sum(-1), mask)
+
+
+def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+               stats: str = "position", eps: float = 1e-5) -> torch.Tensor:
+    """TVD++: the surrogate with the normalised advantage (r - mu) / (sigma + eps), mu and sigma by `stats`."""
+    if stats not in TVDPP_STATS:
+        raise ValueError(f"unknown TVD++ statistics {stats!r}; known: {', '.join(TVDPP_STATS)}")
+    _, q, logq, r = _reward(draft_logits, target_logits)
+    qd = q.detach()
+    if stats == "position":
+        mu = (qd * r).sum(-1, keepdim=True)
+        var = (qd * (r - mu) ** 2).sum(-1, keepdim=True)
+    else:
+        w = mask.float()[..., None] * qd  # each masked position's q sums to one
+        n = mask.float().sum() + 1e-5
+        mu = (w * r).sum() / n
+        var = (w * (r - mu) ** 2).sum() / n
+    adv = (r - mu) / (var.sqrt() + eps)
+    return _masked_mean(-(qd * adv * logq).sum(-1), mask)

@@ -1,0 +1,100 @@
+"""The draft-LM distillation losses (TVD++ paper): each surrogate's gradient is the gradient of the divergence
+it claims, on random inputs, and each check fails on a deliberately wrong surrogate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specbench.training import losses as L
+
+
+def _inputs(seed: int, B: int = 3, T: int = 5, V: int = 17):
+    g = torch.Generator().manual_seed(seed)
+    draft = (torch.randn(B, T, V, generator=g) * 2).requires_grad_(True)
+    target = torch.randn(B, T, V, generator=g) * 2
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[0, 0] = 1.0
+    return draft, target, mask
+
+
+def _grad(loss_fn, draft, target, mask) -> torch.Tensor:
+    d = draft.detach().clone().requires_grad_(True)
+    loss_fn(d, target, mask).backward()
+    return d.grad
+
+
+def _sigma_position(draft, target) -> torch.Tensor:
+    q = torch.softmax(draft.detach(), -1)
+    r = (torch.softmax(target, -1) > q).float()
+    mu = (q * r).sum(-1, keepdim=True)
+    return (mu * (1 - mu)).sqrt()  # r is 0/1: its variance under q
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tvd_surrogate_has_the_gradient_of_tvd(seed):
+    draft, target, mask = _inputs(seed)
+    torch.testing.assert_close(_grad(L.tvd_loss, draft, target, mask), _grad(L.tvd, draft, target, mask),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_the_tvd_check_catches_a_flipped_reward():
+    def flipped(d, t, m):  # reward 1[p < q]
+        logq = torch.log_softmax(d, -1)
+        q = logq.exp()
+        r = (torch.softmax(t, -1) < q.detach()).float()
+        return L._masked_mean(-(q.detach() * r * logq).sum(-1), m)
+
+    draft, target, mask = _inputs(0)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(_grad(flipped, draft, target, mask), _grad(L.tvd, draft, target, mask))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tvdpp_per_position_is_tvd_rescaled_by_each_positions_sigma(seed):
+    draft, target, mask = _inputs(seed)
+    want = _grad(L.tvd, draft, target, mask) / (_sigma_position(draft, target) + 1e-5)
+    torch.testing.assert_close(_grad(L.tvdpp_loss, draft, target, mask), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tvdpp_per_batch_is_tvd_rescaled_once(seed):
+    draft, target, mask = _inputs(seed)
+    q = torch.softmax(draft.detach(), -1)
+    r = (torch.softmax(target, -1) > q).float()
+    w = mask[..., None] * q
+    mu = (w * r).sum() / mask.sum()
+    sigma = ((w * (r - mu) ** 2).sum() / mask.sum()).sqrt()
+    got = _grad(lambda d, t, m: L.tvdpp_loss(d, t, m, stats="batch"), draft, target, mask)
+    torch.testing.assert_close(got, _grad(L.tvd, draft, target, mask) / (sigma + 1e-5), atol=1e-5, rtol=1e-4)
+
+
+def test_the_tvdpp_check_catches_unweighted_statistics():
+    """Mean and std over the vocabulary without q's weights (a third-party reading) is another objective."""
+    def unweighted(d, t, m):
+        logq = torch.log_softmax(d, -1)
+        q = logq.exp().detach()
+        r = (torch.softmax(t, -1) > q).float()
+        adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-5)
+        return L._masked_mean(-(q * adv * logq).sum(-1), m)
+
+    draft, target, mask = _inputs(1)
+    want = _grad(L.tvd, draft, target, mask) / (_sigma_position(draft, target) + 1e-5)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(_grad(unweighted, draft, target, mask), want, atol=1e-5, rtol=1e-4)
+
+
+def test_kld_has_the_gradient_of_forward_kl():
+    draft, target, mask = _inputs(2)
+
+    def kl(d, t, m):
+        p = torch.softmax(t, -1)
+        return L._masked_mean((p * (torch.log_softmax(t, -1) - torch.log_softmax(d, -1))).sum(-1), m)
+
+    torch.testing.assert_close(_grad(L.kld_loss, draft, target, mask), _grad(kl, draft, target, mask))
+
+
+def test_unknown_statistics_are_refused():
+    draft, target, mask = _inputs(0)
+    with pytest.raises(ValueError, match="unknown TVD\\+\\+ statistics 'vocab'; known: position, batch"):
+        L.tvdpp_loss(draft, target, mask, stats="vocab")
