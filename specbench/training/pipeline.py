@@ -1,7 +1,7 @@
 """The one training pipeline behind ``specbench train --method M``, for every task:
 
     load the target -> read and format the data -> extract or reuse the feature cache -> the task's head
-    -> the resumable train loop -> export (draft_heads.save_head) -> held-out check -> MANIFEST.json
+    -> the resumable train loop -> the task's export -> its held-out check -> MANIFEST.json
 
 `main(task_cls, argv)` is the command line: the options every task shares, then one option per field of
 the task's `Options` (so loss weights and the like are options, with their defaults in ``--help``).
@@ -22,38 +22,13 @@ import torch
 
 from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
 from ..logs import configure, log_file
-from ..models.draft_heads import DRAFT_VOCAB_FILE, checkpoint_sha256, load_head, save_head
+from ..models.draft_heads import DRAFT_VOCAB_FILE, checkpoint_sha256
 from .tasks import Task, add_options, options_from_args
 from .trainer import TrainConfig, train_loop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["heldout_accuracy", "main", "train", "write_draft_vocab"]
-
-
-@torch.no_grad()
-def heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 512) -> dict:
-    """Top-1 agreement of the head's next-token prediction with the target's argmax, teacher-forced with
-    the target's true features (the training-time accuracy, i.e. draft depth 1), on assistant tokens."""
-    from .features import target_hidden_states
-    from .sharegpt import format_conversation
-
-    head.eval()
-    hit = n = 0
-    for _, conv in conversations:
-        f = format_conversation(tokenizer, conv, max_tokens)
-        if sum(f.loss_mask[1:]) == 0:
-            continue
-        ids = torch.tensor([f.input_ids])
-        h = target_hidden_states(model, ids).float()
-        T = ids.shape[1] - 1
-        out = head(ids[:, 1:], h[:, :T], torch.arange(T)[None])
-        m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
-        hl = head.logits(head.token_features(out)[0][m])
-        tl = head.logits(h[0, 1:][m])
-        hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
-        n += int(m.sum())
-    return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
+__all__ = ["main", "train", "write_draft_vocab"]
 
 
 def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
@@ -138,8 +113,8 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
 
     head = task.make_head(model, cache, seed)
     if init_from is not None:
-        src = load_head(init_from, model, task.arch).head  # strict: keys, shapes, hidden and vocab sizes
-        head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in src.trainable_state_dict().items()}},
+        src = task.load(init_from, model)  # strict: keys, shapes, hidden and vocab sizes
+        head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in task.exported_state(src).items()}},
                              strict=True)
         head.requires_grad_(True)
         log.info(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
@@ -152,24 +127,24 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     head = getattr(head, "module", head)
 
     out.mkdir(parents=True, exist_ok=True)
-    save_head(head, task.arch, out)
+    task.export(head, out)
     wsha = sha256_file(out / "model.safetensors")
-    dv = write_draft_vocab(out, cache, head.vocab_size)
+    dv = write_draft_vocab(out, cache, int(model.get_output_embeddings().weight.shape[0]))
 
     ho = heldout_conversations(data, heldout) if heldout else []
     # measured on the exported checkpoint, loaded as decoding loads it (a task may train with another attention)
-    exported = load_head(out, model, task.arch).head
-    hacc = heldout_accuracy(exported, model, loaded.tokenizer, ho, max_tokens) if ho else None
+    exported = task.load(out, model)
+    hacc = task.heldout(exported, model, loaded.tokenizer, ho, max_tokens) if ho else None
     if hacc:
         log.info(f"held-out top-1 agreement with the target: {hacc['top1']:.4f} on {hacc['tokens']} tokens "
                  f"of {hacc['conversations']} conversations")
     shutil.copyfile(Path(work_dir) / "loss_log.jsonl", out / "loss_log.jsonl")
     import accelerate
 
-    n_params = sum(v.numel() for v in head.trainable_state_dict().values())
+    n_params = sum(v.numel() for v in task.exported_state(head).values())
     manifest = {
         "method": task.name,
-        "format": f"{task.arch} draft head (config.json + model.safetensors; specbench.models.draft_heads)",
+        "format": task.format(),
         "weights_file": "model.safetensors", "weights_sha256": wsha, "weights_dtype": "float32",
         "trainable_parameters": n_params,
         "target": {"name": loaded.name, "source": loaded.source, "weights_sha256": loaded.weights_sha256},
@@ -179,9 +154,8 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
                      "steps": res.step, "finished": res.finished, "resumed_from_step": res.resumed_from,
                      "train_seconds": round(res.seconds, 1)},
         "losses_per_epoch": res.epoch_losses,
-        "heldout": {**(hacc or {}), "what": "top-1 agreement of the head's next-token prediction with the "
-                    "target's argmax at t+1, teacher-forced on the target's features, assistant tokens only, the "
-                    f"last {heldout} usable conversations of the source (never trained on)"},
+        "heldout": {**(hacc or {}), "what": f"{task.heldout_what}, assistant tokens only, the last {heldout} usable "
+                    "conversations of the source (never trained on)"},
         "seed": seed,
         "init_from": init_info,
         "draft_vocab": dv,

@@ -11,7 +11,11 @@
   `generator` (optional): the task's own random stream, checkpointed with the trainer state;
 * `describe()`: what the manifest says of the objective;
 * `phases()`: the training phases one command runs (default one; HASS's official schedule has two, the
-  second starting from the first's weights).
+  second starting from the first's weights);
+* `export(head, out)` / `load(out, model)` / `exported_state(head)` / `format()`: the checkpoint the task
+  writes and how decoding reads it back (default: the draft-head registry's format for `arch`);
+  `heldout(...)`: the held-out check on the exported checkpoint (default: a head's top-1 agreement with
+  the target at draft depth 1), described by `heldout_what`.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import abc
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Phase", "Task", "TaskOptions", "add_options", "frozen_lm_head_fn", "options_from_args", "shift_batch"]
+__all__ = ["Phase", "Task", "TaskOptions", "add_options", "frozen_lm_head_fn", "head_heldout_accuracy",
+           "options_from_args", "shift_batch"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,56 @@ class Task(abc.ABC):
 
     def phases(self) -> list[Phase]:
         return [Phase(self.opts)]
+
+    # -- the exported checkpoint (a draft head of the registry's architecture `arch` by default)
+    heldout_what: ClassVar[str] = ("top-1 agreement of the head's next-token prediction with the target's argmax "
+                                   "at t+1, teacher-forced on the target's features")
+
+    def export(self, head: torch.nn.Module, out: Path) -> None:
+        from ..models.draft_heads import save_head
+
+        save_head(head, self.arch, out)
+
+    def load(self, out: Path, model) -> torch.nn.Module:
+        """The exported checkpoint as decoding loads it (strict)."""
+        from ..models.draft_heads import load_head
+
+        return load_head(out, model, self.arch).head
+
+    def exported_state(self, head: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights `export` writes (the trainable ones)."""
+        return head.trainable_state_dict()
+
+    def format(self) -> str:
+        return f"{self.arch} draft head (config.json + model.safetensors; specbench.models.draft_heads)"
+
+    def heldout(self, exported: torch.nn.Module, model, tokenizer, conversations, max_tokens: int) -> dict:
+        return head_heldout_accuracy(exported, model, tokenizer, conversations, max_tokens)
+
+
+@torch.no_grad()
+def head_heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 512) -> dict:
+    """Top-1 agreement of the head's next-token prediction with the target's argmax, teacher-forced with
+    the target's true features (the training-time accuracy, i.e. draft depth 1), on assistant tokens."""
+    from .features import target_hidden_states
+    from .sharegpt import format_conversation
+
+    head.eval()
+    hit = n = 0
+    for _, conv in conversations:
+        f = format_conversation(tokenizer, conv, max_tokens)
+        if sum(f.loss_mask[1:]) == 0:
+            continue
+        ids = torch.tensor([f.input_ids])
+        h = target_hidden_states(model, ids).float()
+        T = ids.shape[1] - 1
+        out = head(ids[:, 1:], h[:, :T], torch.arange(T)[None])
+        m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
+        hl = head.logits(head.token_features(out)[0][m])
+        tl = head.logits(h[0, 1:][m])
+        hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
+        n += int(m.sum())
+    return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
 
 
 def shift_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
