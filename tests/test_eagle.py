@@ -560,10 +560,10 @@ def test_draft_vocab_grows_with_the_sequence(target, head):
     d = DynamicTreeDrafter(head, 3, 4, 12, draft_vocab=8)
     gen = generate(target, d, PROMPT, 30, SamplingConfig(), None, stop_ids=set())
     assert gen.tokens == vanilla_tokens(target, PROMPT, 30)
-    vocab = set(d._vocab_ids.tolist())
+    vocab = set(d.vocab.ids.tolist())
     emitted_before_last_step = gen.tokens[: len(gen.tokens) - gen.steps[-1]]
     assert vocab >= set(range(8)) | set(PROMPT) | set(emitted_before_last_step)
-    assert len(vocab) == d._vocab_ids.numel()  # no duplicates: siblings stay distinct
+    assert len(vocab) == d.vocab.ids.numel()  # no duplicates: siblings stay distinct
     assert set(d.propose(PROMPT + gen.tokens).tokens) <= vocab
 
 
@@ -573,7 +573,7 @@ def test_draft_vocab_file_in_checkpoint(tmp_path, target, head):
     d = EAGLE2.drafter(target, SamplingConfig(), None,
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
     d.begin([1], target.prefill([]))
-    assert d._vocab_ids.tolist() == [63, 62, 61, 60, 1]
+    assert d.vocab.ids.tolist() == [63, 62, 61, 60, 1]
     from specbench.artifacts import sha256_file
 
     assert d.draft_vocab_sha256 == sha256_file(tmp_path / "ck" / "draft_vocab.json")  # recorded in results
@@ -597,4 +597,4 @@ def test_draft_vocab_file_lists_some_ids_only(tmp_path, target, head):
     d = EAGLE2.drafter(target, SamplingConfig(), None,
                        **EAGLE2.params({"checkpoint": str(tmp_path / "ck"), "draft_vocab": "4"}))
     d.begin([7], target.prefill([]))
-    assert d._vocab_ids.tolist() == [9, 5, 0, 1, 7]
+    assert d.vocab.ids.tolist() == [9, 5, 0, 1, 7]

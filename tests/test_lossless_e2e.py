@@ -159,12 +159,9 @@ def _fspad_checkpoint(target, d: Path) -> None:
 def _layer_prefix_draft(target, d: Path) -> None:
     """A draft LM for `sps`: the tiny target's first layer, its final norm and LM head (q close to p but not
     equal, so drafts are often accepted and sometimes corrected)."""
-    import copy
+    from specbench.models.draft_lm import layer_prefix_draft
 
-    draft = copy.deepcopy(target.model)
-    draft.model.layers = draft.model.layers[:1]
-    draft.config.num_hidden_layers = 1
-    draft.save_pretrained(d)
+    layer_prefix_draft(target.model, 1).save_pretrained(d)
 
 
 CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft}

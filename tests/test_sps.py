@@ -6,6 +6,7 @@ test_lossless_e2e, which runs every registered method."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from specbench.errors import UsageError
 from specbench.methods import get_method
 from specbench.methods.sps import DraftModelDrafter, check_same_vocabulary
 from specbench.models.draft_heads import CheckpointError
+from specbench.models.draft_lm import layer_prefix_draft
 from specbench.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,10 +26,23 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def draft(target):
     """The tiny target's first layer + its norm and LM head, on the shared runtime."""
-    model = copy.deepcopy(target.model)
-    model.model.layers = model.model.layers[:1]
-    model.config.num_hidden_layers = 1
-    return Target(model, name="tiny-draft")
+    return Target(layer_prefix_draft(target.model, 1), name="tiny-draft")
+
+
+@torch.inference_mode()
+def test_a_layer_prefix_draft_is_the_targets_first_layers(target):
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+    model = target.model
+    d = layer_prefix_draft(model, 1)
+    assert d.config.num_hidden_layers == 1 and len(model.model.layers) == 2  # the target keeps its layers
+    h = model.model.embed_tokens(ids)
+    pos = torch.arange(9)[None]
+    h = model.model.layers[0](h, position_embeddings=model.model.rotary_emb(h, pos), position_ids=pos)
+    h = h[0] if isinstance(h, tuple) else h
+    want = model.lm_head(model.model.norm(h))
+    torch.testing.assert_close(d(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="keeps 1..2 of the target's layers, not 3"):
+        layer_prefix_draft(model, 3)
 
 
 @torch.inference_mode()
@@ -43,23 +58,31 @@ class Checking(DraftModelDrafter):
         self.seen: list[tuple[list[int], list[int], torch.Tensor | None]] = []
 
     def propose(self, tokens):
+        ids = None if self.vocab.ids is None else self.vocab.ids.clone()
         prop = super().propose(tokens)
-        self.seen.append((list(tokens), list(prop.tokens), prop.draft_probs))
+        self.seen.append((list(tokens), list(prop.tokens), prop.draft_probs, ids))
         return prop
 
 
-def _check_q(target, draft, cfg: SamplingConfig, drafter_cls=Checking, n_gen: int = 6, new: int = 20) -> int:
-    """Every proposal's q rows == probs(the draft's uncached logits at that prefix); returns the steps checked."""
+def _check_q(target, draft, cfg: SamplingConfig, drafter_cls=Checking, n_gen: int = 6, new: int = 20,
+             **kwargs) -> int:
+    """Every proposal's q rows == probs(the draft's uncached logits at that prefix, -inf outside the draft
+    vocabulary of that step); returns the steps checked."""
     g = make_generator(3)
-    drafter = drafter_cls(draft, cfg, g, gamma=3)
+    drafter = drafter_cls(draft, cfg, g, gamma=3, **kwargs)
     prompt_g = torch.Generator().manual_seed(8)
     checked = 0
     for _ in range(n_gen):
         prompt = torch.randint(0, 64, (7,), generator=prompt_g).tolist()
         generate(target, drafter, prompt, new, cfg, g, stop_ids=set())
-        for tokens, drafts, q in drafter.seen:
+        for tokens, drafts, q, ids in drafter.seen:
+            if ids is not None:  # the sequence's tokens are in it; nothing else beyond the ranking's first ids
+                assert set(tokens) <= set(ids.tolist()) and len(set(ids.tolist()) - set(tokens)) <= drafter.vocab.size
             for i in range(len(drafts)):
-                want = probs(_uncached_next(draft.model, tokens + drafts[:i]), cfg)[0]
+                logits = _uncached_next(draft.model, tokens + drafts[:i])
+                if ids is not None:
+                    logits = torch.full_like(logits, float("-inf")).index_copy_(1, ids, logits[:, ids])
+                want = probs(logits, cfg)[0]
                 torch.testing.assert_close(q[i], want, atol=1e-5, rtol=1e-4)
             checked += 1
         drafter.seen.clear()
@@ -70,6 +93,27 @@ def _check_q(target, draft, cfg: SamplingConfig, drafter_cls=Checking, n_gen: in
                                  SamplingConfig(temperature=0.8, top_k=12, top_p=0.9)], ids=["T1", "topk-topp"])
 def test_q_is_the_draft_distribution_at_every_step(target, draft, cfg):
     assert _check_q(target, draft, cfg) > 12
+
+
+def test_a_reduced_vocabulary_zeroes_q_outside_it(target, draft, tmp_path):
+    ranking = tmp_path / "draft_vocab.json"
+    ranking.write_text(json.dumps(list(range(63, -1, -1))))
+    assert _check_q(target, draft, SamplingConfig(temperature=1.0), draft_vocab=12, ranking=ranking) > 12
+
+
+def test_a_reduced_vocabulary_stays_lossless(target, draft):
+    """The first tokens of many T=1 generations with a 12-id draft vocabulary follow the target exactly."""
+    from helpers import check_sequence
+    from test_lossless_e2e import exact_rows, first_tokens, sampling_prompt
+
+    cfg = SamplingConfig(temperature=1.0)
+    prompt = sampling_prompt(target.model, cfg)
+    g = make_generator(99)
+    d = DraftModelDrafter(draft, cfg, g, gamma=3, draft_vocab=12)
+    emitted, _, firsts = first_tokens(target, d, prompt, cfg, g)
+    result = check_sequence(emitted, exact_rows(target.model, prompt, emitted, cfg))
+    assert result.ok, str(result)
+    assert sum(n > 1 for n in firsts) > len(firsts) // 20  # drafts were accepted: the check is not vacuous
 
 
 def test_the_q_check_catches_rejected_drafts_left_in_the_cache(target, draft, monkeypatch):
@@ -88,7 +132,7 @@ def test_greedy_drafts_are_the_draft_argmax_chain(target, draft):
     prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     gen = generate(target, drafter, prompt, 24, cfg, None, stop_ids=set())
     assert len(gen.steps) < 24  # some drafts accepted
-    for tokens, drafts, q in drafter.seen:
+    for tokens, drafts, q, _ in drafter.seen:
         assert q is None
         seq = list(tokens)
         for tok in drafts:
@@ -147,3 +191,25 @@ def test_truncate_then_extend_equals_a_fresh_prefill(target):
     torch.testing.assert_close(got.hidden, want.hidden[6:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot truncate a cached sequence of 12 tokens to 13"):
         target.truncate(13)
+
+
+def test_the_reduced_vocabulary_check_catches_q_reported_over_the_full_vocabulary(target, draft, monkeypatch):
+    """Mutation: drafts drawn from the reduced q, but the verifier told the full-vocabulary q."""
+    from helpers import check_sequence
+    from test_lossless_e2e import MUTANT_GENERATIONS, exact_rows, first_tokens, sampling_prompt
+
+    real = DraftModelDrafter.propose
+
+    def wrong_q(self, tokens):
+        prop = real(self, tokens)
+        seqs = [tokens + prop.tokens[:i] for i in range(len(prop.tokens))]
+        prop.draft_probs = torch.cat([probs(_uncached_next(self.draft.model, s), self.sampling) for s in seqs])
+        return prop
+
+    monkeypatch.setattr(DraftModelDrafter, "propose", wrong_q)
+    cfg = SamplingConfig(temperature=1.0)
+    prompt = sampling_prompt(target.model, cfg)
+    g = make_generator(99)
+    d = DraftModelDrafter(draft, cfg, g, gamma=3, draft_vocab=12)
+    emitted, _, _ = first_tokens(target, d, prompt, cfg, g, n=MUTANT_GENERATIONS)
+    assert not check_sequence(emitted, exact_rows(target.model, prompt, emitted, cfg)).ok

@@ -58,6 +58,7 @@ from ..models.draft_heads import CheckpointError, LoadedHead, load_head
 from ..models.target import buffer_cache
 from . import catalogue
 from .base import DrafterBase, Method
+from .draft_vocab import DraftVocab
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -175,17 +176,13 @@ class _HeadDrafter(DrafterBase):
     """Shared state: the head, its committed KV cache, the root's predicted feature."""
 
     def __init__(self, head: LoadedHead | torch.nn.Module, draft_vocab: int = 0):
-        if int(draft_vocab) < 0:
-            raise UsageError(f"draft_vocab must be >= 0 (0 = the full vocabulary), got {draft_vocab}")
         self.loaded = head if isinstance(head, LoadedHead) else LoadedHead(head, "eagle")
         self.head = head = self.loaded.head
         w = head.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         self.draft_vocab = int(draft_vocab)
-        self._vocab_ids: torch.Tensor | None = None  # draft vocabulary (None = full)
-        self._base: list[int] | None = None  # the first draft_vocab ids of the base list (read once)
-        self._w = w
-        self._b = getattr(head.lm_head, "bias", None)
+        # optional; candidates stay deterministic, so losslessness is unaffected
+        self.vocab = DraftVocab(w, getattr(head.lm_head, "bias", None), int(draft_vocab), self.loaded.draft_vocab_file)
         self.kv = buffer_cache()  # one in-place KV buffer layer
         self.committed = 0  # committed head slots (= tokens in the sequence - 1)
         self.root_feature: torch.Tensor | None = None  # the head's output at the last committed slot: the root's
@@ -207,78 +204,13 @@ class _HeadDrafter(DrafterBase):
 
         return sha256_file(f)
 
-    # -- draft vocabulary (optional; candidates stay deterministic, so losslessness is unaffected)
-    def _set_vocab(self, prompt: list[int]) -> None:
-        """Full vocabulary, or: the base list's first `draft_vocab` ids + every token of the sequence so far.
-
-        The base list is `draft_vocab.json` in the checkpoint directory when present (token ids, most frequent
-        first, as training writes it; unlisted ids follow in id order), else the ids in order (BPE ids roughly
-        follow merge order, i.e. frequency).  The LM-head rows of the draft vocabulary live in a preallocated
-        buffer that grows as new tokens are emitted.
-        """
-        V = self._w.shape[0]
-        if self.draft_vocab <= 0 or self.draft_vocab >= V:
-            self._vocab_ids = None
-            self._w_draft, self._b_draft = self._w, self._b
-            return
-        if self._base is None:
-            self._base = self._base_vocab(V)[: self.draft_vocab]
-        base = self._base
-        ids = list(dict.fromkeys([*base, *map(int, prompt)]))
-        self._vocab_set = set(ids)
-        cap = min(V, len(ids) + 1024)
-        self._w_buf = torch.empty(cap, self._w.shape[1], dtype=self._w.dtype, device=self.device)
-        self._b_buf = None if self._b is None else torch.empty(cap, dtype=self._b.dtype, device=self.device)
-        self._id_buf = torch.empty(cap, dtype=torch.long, device=self.device)
-        self._n_vocab = 0
-        self._add_vocab(ids)
-
-    def _base_vocab(self, V: int) -> list[int]:
-        f = self.loaded.draft_vocab_file
-        if f is not None:
-            try:
-                ids = [int(i) for i in json.loads(f.read_text())]
-                if ids and all(0 <= i < V for i in ids):
-                    listed = set(ids)
-                    return ids + [i for i in range(V) if i not in listed]  # unlisted ids last, in order
-            except (OSError, ValueError, TypeError):
-                pass
-            raise UsageError(f"{f} is not a JSON list of token ids below {V}")
-        return list(range(V))
-
-    def _add_vocab(self, ids: list[int]) -> None:
-        n, k = self._n_vocab, len(ids)
-        if n + k > self._w_buf.shape[0]:
-            cap = min(self._w.shape[0], max(2 * self._w_buf.shape[0], n + k))
-            self._w_buf = torch.cat([self._w_buf[:n], self._w_buf.new_empty(cap - n, self._w_buf.shape[1])])
-            self._id_buf = torch.cat([self._id_buf[:n], self._id_buf.new_empty(cap - n)])
-            if self._b_buf is not None:
-                self._b_buf = torch.cat([self._b_buf[:n], self._b_buf.new_empty(cap - n)])
-        t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        self._w_buf[n:n + k] = self._w.index_select(0, t)
-        self._id_buf[n:n + k] = t
-        if self._b_buf is not None:
-            self._b_buf[n:n + k] = self._b.index_select(0, t)
-        self._n_vocab = n + k
-        self._vocab_ids = self._id_buf[: n + k]
-        self._w_draft = self._w_buf[: n + k]
-        self._b_draft = None if self._b_buf is None else self._b_buf[: n + k]
-
-    def _grow_vocab(self, tokens: list[int]) -> None:
-        if self._vocab_ids is None:
-            return
-        new = [t for t in dict.fromkeys(tokens) if t not in self._vocab_set]
-        if new:
-            self._vocab_set.update(new)
-            self._add_vocab(new)
-
     def _topk(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, token ids) of the top-k draft log-probs for each row of head outputs (n, .)."""
-        logits = torch.nn.functional.linear(self.head.token_features(out), self._w_draft, self._b_draft)
+        logits = self.vocab.logits(self.head.token_features(out))
         logp = torch.log_softmax(logits.float(), dim=-1)
         vals, idx = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-        if self._vocab_ids is not None:
-            idx = self._vocab_ids[idx]
+        if self.vocab.ids is not None:
+            idx = self.vocab.ids[idx]
         return vals, idx
 
     # -- committed state
@@ -287,7 +219,7 @@ class _HeadDrafter(DrafterBase):
         self.kv = buffer_cache()
         self.committed = 0
         self.root_feature = None
-        self._set_vocab(list(prompt))
+        self.vocab.reset(list(prompt))
         if len(prompt) > 1:
             self._append(list(prompt[1:]), prefill.hidden)
 
@@ -306,7 +238,7 @@ class _HeadDrafter(DrafterBase):
         tokens = [tree.tokens[i] for i in verdict.path] + [int(verdict.token)]
         feats = out.hidden[torch.tensor(nodes, device=out.hidden.device)]
         self._append(tokens, feats)
-        self._grow_vocab(tokens)
+        self.vocab.grow(tokens)
 
     # -- drafting
     def _start_draft(self) -> None:

@@ -15,6 +15,7 @@ token ids would mean other strings, and the drafts would be rejected garbage.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,25 +23,46 @@ import torch
 from ..decoding.sampling import SamplingConfig, probs, sample
 from ..decoding.tree import Proposal
 from ..errors import UsageError
-from ..models.draft_heads import CheckpointError
+from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError
 from .base import DrafterBase, Method
+from .draft_vocab import DraftVocab
 
 __all__ = ["DraftModelDrafter", "METHOD", "check_same_vocabulary"]
 
 
 class DraftModelDrafter(DrafterBase):
-    """Chains of `gamma` tokens from a draft model's q (`draft`: a specbench Target over the draft LM)."""
+    """Chains of `gamma` tokens from a draft model's q (`draft`: a specbench Target over the draft LM).
 
-    def __init__(self, draft, sampling: SamplingConfig, generator: torch.Generator | None, gamma: int):
+    `draft_vocab` N > 0: a reduced draft vocabulary (`DraftVocab`: the `ranking` file's first N ids plus the
+    sequence's tokens). q is the draft's distribution over those ids only (its LM head restricted to their
+    rows, -inf logits elsewhere, then the run's temperature/top-k/top-p), exactly 0 on every other id: the
+    verifier's min(1, p/q) never meets q = 0 for a drafted token, and its residual max(0, p - q) covers the
+    ids the draft cannot propose, so sampling stays lossless.
+    """
+
+    def __init__(self, draft, sampling: SamplingConfig, generator: torch.Generator | None, gamma: int,
+                 draft_vocab: int = 0, ranking: Path | None = None):
         if gamma < 1:
             raise UsageError(f"gamma must be >= 1, not {gamma}")
         self.draft, self.sampling, self.generator, self.gamma = draft, sampling, generator, int(gamma)
         self.checkpoint_sha256 = getattr(draft, "weights_sha256", None) or None  # recorded in results files
         self._base = 0  # length of the sequence the last proposal continued
+        self.vocab = DraftVocab(draft.head.weight.detach(), _detached(getattr(draft.head, "bias", None)),
+                                draft_vocab, ranking)
+
+    def _logits(self, pending: list[int]) -> torch.Tensor:
+        """(1, V) draft logits after feeding `pending` (-inf outside a reduced vocabulary)."""
+        if self.vocab.full:
+            return self.draft.extend(pending).logits[-1:]
+        hidden = self.draft.extend(pending, logits=False).hidden[-1:]
+        sub = self.vocab.logits(hidden).float()
+        full = sub.new_full((1, self.draft.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab.ids, sub)
 
     @torch.inference_mode()
     def begin(self, prompt: list[int], prefill) -> None:
         self.draft.prefill(list(prompt[:-1]))  # as the target: the last prompt token is the first root
+        self.vocab.reset(list(prompt))
 
     @torch.inference_mode()
     def propose(self, tokens: list[int]) -> Proposal:
@@ -51,7 +73,7 @@ class DraftModelDrafter(DrafterBase):
         drafts: list[int] = []
         rows = []
         for _ in range(max(gamma, 0)):
-            logits = self.draft.extend(pending).logits[-1:]
+            logits = self._logits(pending)
             if self.sampling.greedy:
                 token = int(logits.argmax(-1))
             else:
@@ -63,9 +85,15 @@ class DraftModelDrafter(DrafterBase):
         # The last draft is not cached yet: it is fed (if accepted) with the next step's correction.
         return Proposal.chain(drafts, torch.stack(rows) if rows else None)
 
+    @torch.inference_mode()
     def update(self, tree, verdict, out) -> None:
         # Keep the sequence the proposal continued plus the accepted drafts; the new root is fed next time.
         self.draft.truncate(min(self._base + len(verdict.path), self.draft.length))
+        self.vocab.grow([tree.tokens[i] for i in verdict.path] + [int(verdict.token)])
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def check_same_vocabulary(target, draft) -> None:
@@ -102,9 +130,12 @@ def _load_draft(target, spec: str):
     return per_target[spec]
 
 
-def _drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5) -> DraftModelDrafter:
+def _drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5,
+             draft_vocab: int = 0) -> DraftModelDrafter:
     draft = checkpoint if hasattr(checkpoint, "extend") else _load_draft(target, str(checkpoint))
-    return DraftModelDrafter(draft, sampling, generator, int(gamma))
+    ranking = Path(str(checkpoint)).expanduser() / DRAFT_VOCAB_FILE if isinstance(checkpoint, str) else None
+    return DraftModelDrafter(draft, sampling, generator, int(gamma), int(draft_vocab),
+                             ranking if ranking is not None and ranking.is_file() else None)
 
 
 METHOD = Method(
@@ -112,6 +143,6 @@ METHOD = Method(
     "speculative sampling (Leviathan et al. / Chen et al. 2023): a chain of gamma tokens from a draft LM's q, "
     "verified with q",
     _drafter,
-    defaults={"checkpoint": "", "gamma": 5},
-    draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1},
+    defaults={"checkpoint": "", "gamma": 5, "draft_vocab": 0},
+    draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1, "draft_vocab": int(p["draft_vocab"])},
 )

@@ -190,9 +190,10 @@ class Target:
         return self.extend(ids)
 
     @torch.inference_mode()
-    def extend(self, ids: list[int]) -> StepOutput:
+    def extend(self, ids: list[int], logits: bool = True) -> StepOutput:
         """Append `ids` to the cached sequence (one causal forward, committed at once): the logits of the last
-        of them, the hidden states of all. A draft model's runtime drafts with it."""
+        of them (none with `logits` False: a caller with its own LM head rows), the hidden states of all. A
+        draft model's runtime drafts with it."""
         if self.cache is None:
             self.cache = buffer_cache(self.config)
         if not ids:
@@ -204,7 +205,8 @@ class Target:
         mask = None if self.window is None else self._mask(torch.ones(n, n, dtype=torch.bool).tril(), positions)
         hidden = self._run(torch.tensor(ids, device=self.device), positions.to(self.device), mask)
         self.length += n
-        return StepOutput(self.head(hidden[-1:]).float(), hidden)
+        last = self.head(hidden[-1:]).float() if logits else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
+        return StepOutput(last, hidden)
 
     def truncate(self, length: int) -> None:
         """Roll the cached sequence back to its first `length` tokens (a draft model's rejected drafts)."""
