@@ -14,7 +14,7 @@ from specbench.bench import compare as C
 from specbench.bench import specbench_jsonl as SB
 from specbench.methods import Identity, Method, available_methods, catalogue
 
-PAPER_ONLY = {"tvdpp", "kld", "tvd", "medusa", "hydra"}
+PAPER_ONLY = {"medusa", "hydra"}
 
 
 def test_registered_methods_take_their_identity_from_the_catalogue():

@@ -164,7 +164,10 @@ def _layer_prefix_draft(target, d: Path) -> None:
     layer_prefix_draft(target.model, 1).save_pretrained(d)
 
 
-CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft}
+CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint,
+                       **dict.fromkeys(("sps", "kld", "tvd", "tvdpp"), _layer_prefix_draft)}
+# Methods whose drafter is another's with other default weights: their sampling tests run under -m slow.
+SAME_DRAFTER = {"kld": "sps", "tvd": "sps", "tvdpp": "sps"}
 
 
 def checkpoint_params(target, tmp_path_factory):
@@ -349,7 +352,7 @@ def _sampling_params():
     fast_topk = {"pld", "sps"}  # sps: the one built-in method whose drafts are sampled from a real q
     for name in METHODS + [SAMPLED_TREE]:
         for cfg_name in SAMPLINGS:
-            slow = cfg_name != "T1" and name not in fast_topk
+            slow = (cfg_name != "T1" and name not in fast_topk) or name in SAME_DRAFTER
             yield pytest.param(name, cfg_name, id=f"{name}-{cfg_name}", marks=[pytest.mark.slow] if slow else [])
 
 

@@ -27,7 +27,7 @@ from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError
 from .base import DrafterBase, Method
 from .draft_vocab import DraftVocab
 
-__all__ = ["DraftModelDrafter", "METHOD", "check_same_vocabulary"]
+__all__ = ["KLD", "METHOD", "TVD", "TVDPP", "DraftModelDrafter", "check_same_vocabulary", "draft_model_method"]
 
 
 class DraftModelDrafter(DrafterBase):
@@ -103,24 +103,33 @@ def check_same_vocabulary(target, draft) -> None:
     if tt is not None and dt is not None and tt.get_vocab() != dt.get_vocab():
         differ = sorted(set(tt.get_vocab().items()) ^ set(dt.get_vocab().items()))[:3]
         raise CheckpointError(f"the draft model {draft.name} has another tokenizer than the target {target.name} "
-                         f"(e.g. {differ}); sps needs a draft with the target's tokenizer")
+                              f"(e.g. {differ}); a draft model needs the target's tokenizer")
     if target.vocab_size != draft.vocab_size:
         raise CheckpointError(f"the draft model {draft.name} scores {draft.vocab_size} token ids, the target "
-                         f"{target.name} {target.vocab_size}; sps needs a draft with the target's tokenizer and "
-                         "vocabulary")
+                              f"{target.name} {target.vocab_size}; a draft model needs the target's tokenizer and "
+                              "vocabulary")
 
 
 _DRAFTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
-def _load_draft(target, spec: str):
-    """The draft model `spec` on the target's device and dtype (one per target: suites reuse it)."""
+def _load_draft(method: str, target, spec: str):
+    """The draft model `spec` (default: the method's committed one) on the target's device and dtype, one per
+    target (suites reuse it)."""
     from ..models import load_model
     from ..models.target import Target
+    from . import catalogue
+    from .head_drafters import CHECKPOINTS_DIR
 
     if not spec:
-        raise CheckpointError("sps needs a draft model: pass --param checkpoint=PATH (a causal LM directory, a cached "
-                         "HF id or an embedded name, with the target's tokenizer)")
+        ident = catalogue.identity(method)
+        dc = ident.default_checkpoint if ident else None
+        if dc is None or dc.target != (target.name or "") or not (CHECKPOINTS_DIR / dc.name).is_dir():
+            train = "" if method == "sps" else f" or train one with `specbench train --method {method} ...`"
+            raise CheckpointError(f"method {method} needs a draft model for {target.name or 'this target'}: pass "
+                                  "--param checkpoint=PATH (a causal LM directory, a cached HF id or an embedded "
+                                  f"name, with the target's tokenizer){train}")
+        spec = str(CHECKPOINTS_DIR / dc.name)
     per_target = _DRAFTS.setdefault(target, {})
     if spec not in per_target:
         draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
@@ -130,19 +139,37 @@ def _load_draft(target, spec: str):
     return per_target[spec]
 
 
-def _drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5,
-             draft_vocab: int = 0) -> DraftModelDrafter:
-    draft = checkpoint if hasattr(checkpoint, "extend") else _load_draft(target, str(checkpoint))
-    ranking = Path(str(checkpoint)).expanduser() / DRAFT_VOCAB_FILE if isinstance(checkpoint, str) else None
-    return DraftModelDrafter(draft, sampling, generator, int(gamma), int(draft_vocab),
-                             ranking if ranking is not None and ranking.is_file() else None)
+def draft_model_method(name: str, description: str, train=None) -> Method:
+    """A method drafting chains from a draft LM: sps (any draft), and the TVD++ paper's distilled drafters."""
+
+    def drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5,
+                draft_vocab: int = 0) -> DraftModelDrafter:
+        draft = checkpoint if hasattr(checkpoint, "extend") else _load_draft(name, target, str(checkpoint))
+        ranking = Path(draft.model.name_or_path) / DRAFT_VOCAB_FILE if hasattr(draft, "model") else None
+        return DraftModelDrafter(draft, sampling, generator, int(gamma), int(draft_vocab),
+                                 ranking if ranking is not None and ranking.is_file() else None)
+
+    return Method(name, description, drafter, train=train, defaults={"checkpoint": "", "gamma": 5, "draft_vocab": 0},
+                  draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1, "draft_vocab": int(p["draft_vocab"])})
 
 
-METHOD = Method(
-    "sps",
-    "speculative sampling (Leviathan et al. / Chen et al. 2023): a chain of gamma tokens from a draft LM's q, "
-    "verified with q",
-    _drafter,
-    defaults={"checkpoint": "", "gamma": 5, "draft_vocab": 0},
-    draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1, "draft_vocab": int(p["draft_vocab"])},
-)
+def _train_with(loss: str):
+    def train(argv: list[str]) -> int:
+        """`specbench train --method M ...`: the draft-LM distillation, with M's loss unless --loss says."""
+        from ..training.draft_lm import main  # accelerate/datasets only when training
+
+        given = any(a == "--loss" or a.startswith("--loss=") for a in argv)
+        return main(argv if given else ["--loss", loss, *argv])
+
+    return train
+
+
+METHOD = draft_model_method(
+    "sps", "speculative sampling (Leviathan et al. / Chen et al. 2023): a chain of gamma tokens from a draft LM's "
+    "q, verified with q")
+KLD = draft_model_method("kld", "sps with a draft LM distilled by forward KL (the TVD++ paper's baseline)",
+                         _train_with("kld"))
+TVD = draft_model_method("tvd", "sps with a draft LM distilled by total variation distance (policy gradient)",
+                         _train_with("tvd"))
+TVDPP = draft_model_method("tvdpp", "sps with a draft LM distilled by TVD++ (Goel et al. 2024: TVD with a "
+                           "normalised advantage)", _train_with("tvdpp"))

@@ -1,0 +1,185 @@
+"""Distilling a standalone draft LM (the TVD++ paper's phase 3; ``specbench train --method tvdpp``).
+
+The draft starts as the target's first `layers` decoder layers under its final norm and LM head
+(`specbench.models.draft_lm.layer_prefix_draft`, standing in for the paper's pretraining). Fine-tuning
+trains those layers and the norm; the embedding and the LM head stay the target's (frozen, as a feature
+head's), so the draft's vocabulary and its token rows are the target's. The data is the feature cache of
+the pipeline (token ids and the target's last hidden states), ideally of the target's own answers
+(``--self-distill``, HASS appendix D / TVD++ phase 2): the target's next-token distribution at position t
+is ``p_t = softmax(lm_head(h_t))``, exactly, over the full vocabulary. The draft reads the same tokens
+(teacher forcing) and is scored at assistant tokens (position t counts when token t+1 is an assistant
+reply's) by `--loss`:
+
+* ``kld``: forward KL(p || q) (the soft-label cross-entropy),
+* ``tvd``: the policy-gradient surrogate of TVD(p, q), reward 1[p > q],
+* ``tvdpp``: the same with the normalised advantage, its mean and std by `--tvdpp-stats`
+  (``specbench.training.losses``, where the derivation is written out).
+
+The exported checkpoint is a Hugging Face causal-LM directory (``save_pretrained``): any tool loads it,
+and ``sps`` drafts with it (``--param checkpoint=DIR``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .losses import TVDPP_STATS, kld_loss, tvd, tvd_loss, tvdpp_loss
+from .tasks import Task, TaskOptions, frozen_lm_head_fn
+
+__all__ = ["DraftLM", "DraftLMOptions", "DraftLMTask", "LOSSES", "main"]
+
+LOSSES = ("tvdpp", "tvd", "kld")
+TRAINED = ("model.layers.", "model.norm.")  # the draft's own weights; the embedding and LM head are the target's
+
+
+@dataclass(frozen=True)
+class DraftLMOptions(TaskOptions):
+    loss: str = field(default="tvdpp", metadata={"help": "distillation loss", "choices": LOSSES})
+    tvdpp_stats: str = field(default="position", metadata={
+        "help": "over what TVD++ normalises its reward: per position or per batch (q-weighted moments)",
+        "choices": TVDPP_STATS})
+    layers: int = field(default=4, metadata={"help": "the target's first decoder layers the draft keeps"})
+
+
+class DraftLM(nn.Module):
+    """A causal LM drafting for the target (`lm`, an HF causal LM): its hidden states, logits and the
+    weights training changes."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states (B, T, H), the LM head's input."""
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(hidden)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.removeprefix("lm.").startswith(TRAINED)}
+
+
+def plain_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded tokens and target features, no shift: position t predicts token t+1, so
+    ``loss_mask[t] = mask[t+1]`` (the last position predicts nothing)."""
+    T = max(len(r["input_ids"]) for r in rows)
+    B, H = len(rows), rows[0]["hidden"].shape[-1]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    hid = torch.zeros(B, T, H)
+    mask = torch.zeros(B, T)
+    att = torch.zeros(B, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = r["input_ids"]
+        hid[b, :n] = r["hidden"]
+        mask[b, :n - 1] = r["loss_mask"][1:n]
+        att[b, :n] = 1
+    return {"input_ids": ids, "hidden": hid, "loss_mask": mask, "attention_mask": att}
+
+
+class DraftLMTask(Task):
+    name = "tvdpp"
+    arch = "draft_lm"
+    Options = DraftLMOptions
+    opts: DraftLMOptions
+    heldout_what = ("top-1 agreement of the draft's next-token prediction with the target's argmax, teacher-forced "
+                    "on the true tokens")
+
+    def __init__(self, opts: DraftLMOptions | None = None, seed: int = 0):
+        super().__init__(opts, seed)
+        self._target_head = None
+
+    def make_head(self, model, data=None, seed: int = 0) -> DraftLM:
+        from ..models.draft_lm import layer_prefix_draft
+
+        self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
+        draft = DraftLM(layer_prefix_draft(model, self.opts.layers).float())
+        for name, p in draft.named_parameters():  # tied embedding / LM head: frozen with the embedding
+            p.requires_grad_(name.removeprefix("lm.").startswith(TRAINED))
+        return draft.train()
+
+    def collate(self, rows):
+        return plain_batch(rows)
+
+    def loss(self, head, batch):
+        raw = getattr(head, "module", head)
+        hidden = head(batch["input_ids"], batch["attention_mask"])
+        mask = batch["loss_mask"]
+        sel = mask.reshape(-1).nonzero().squeeze(-1)
+        H = hidden.shape[-1]
+        q_logits = raw.logits(hidden.reshape(-1, H)[sel])
+        with torch.no_grad():
+            p_logits = self._target_head(batch["hidden"].reshape(-1, H)[sel])
+        ones = torch.ones(sel.numel(), device=sel.device)
+        if self.opts.loss == "kld":
+            loss = kld_loss(q_logits, p_logits, ones)
+        elif self.opts.loss == "tvd":
+            loss = tvd_loss(q_logits, p_logits, ones)
+        else:
+            loss = tvdpp_loss(q_logits, p_logits, ones, stats=self.opts.tvdpp_stats)
+        with torch.no_grad():
+            acc = (q_logits.argmax(-1) == p_logits.argmax(-1)).float().mean()
+            return_tvd = tvd(q_logits, p_logits, ones)
+        return {"loss": loss, "tvd": return_tvd, "acc": acc, "n_tokens": mask.sum()}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "p": "softmax(the target's LM head over its last hidden states), full vocabulary",
+                "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",
+                "init": f"the target's first {self.opts.layers} decoder layers, final norm and LM head"}
+
+    # -- the exported checkpoint: a Hugging Face causal LM
+    def export(self, head, out: Path) -> None:
+        head.lm.save_pretrained(out, safe_serialization=True)
+
+    def load(self, out: Path, model) -> DraftLM:
+        from ..models.draft_heads import CheckpointError
+        from ..models.loading import load_model
+
+        lm = load_model(str(out), dtype="float32", device=next(model.parameters()).device).model
+        v_draft, v_target = lm.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+        if v_draft != v_target:
+            raise CheckpointError(f"{out} scores {v_draft} token ids, the target {v_target}")
+        return DraftLM(lm)
+
+    def exported_state(self, head) -> dict[str, torch.Tensor]:
+        return head.trainable_state_dict()
+
+    def format(self) -> str:
+        return ("Hugging Face causal LM (config.json + model.safetensors; draft with sps --param checkpoint=DIR), "
+                f"the target's first {self.opts.layers} layers fine-tuned")
+
+    @torch.no_grad()
+    def heldout(self, exported, model, tokenizer, conversations, max_tokens: int) -> dict:
+        from .features import target_hidden_states
+        from .sharegpt import format_conversation
+
+        exported.eval()
+        head = frozen_lm_head_fn(model.get_output_embeddings())
+        hit = n = 0
+        for _, conv in conversations:
+            f = format_conversation(tokenizer, conv, max_tokens)
+            m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
+            if not m.any():
+                continue
+            ids = torch.tensor([f.input_ids])
+            p = head(target_hidden_states(model, ids)[0, :-1][m])
+            q = exported.logits(exported(ids)[0, :-1][m])
+            hit += int((q.argmax(-1) == p.argmax(-1)).sum())
+            n += int(m.sum())
+        return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m specbench.training.draft_lm ...``: the same as ``specbench train --method tvdpp``."""
+    from .pipeline import main as pipeline_main
+
+    return pipeline_main(DraftLMTask, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""The draft-LM distillation task: what it trains, its batches, each loss against the loss functions on
+independently computed distributions, and the train command into a draft that sps decodes losslessly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specbench.models.draft_lm import layer_prefix_draft
+from specbench.training import losses as L
+from specbench.training.draft_lm import DraftLMOptions, DraftLMTask, plain_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _rows(target, n=3, T=9, seed=0):
+    from specbench.training.features import target_hidden_states
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (T,), generator=g)
+        mask = (torch.rand(T, generator=g) > 0.4).float()
+        rows.append({"input_ids": ids, "loss_mask": mask, "hidden": target_hidden_states(target.model, ids[None])[0]})
+    return rows
+
+
+def test_only_the_layers_and_norm_train(target):
+    task = DraftLMTask(DraftLMOptions(layers=1))
+    head = task.make_head(target.model)
+    trained = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("lm.model.layers.0.", "lm.model.norm.")) for n in trained)
+    assert set(head.trainable_state_dict()) == {f"lm.{n.removeprefix('lm.')}" for n in trained}
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        want = layer_prefix_draft(target.model, 1)(input_ids=ids).logits
+        torch.testing.assert_close(head.logits(head(ids)), want)
+
+
+def test_the_batch_predicts_the_next_token():
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "loss_mask": torch.tensor([0.0, 1.0, 1.0]),
+             "hidden": torch.ones(3, 4)},
+            {"input_ids": torch.tensor([8, 9]), "loss_mask": torch.tensor([1.0, 0.0]), "hidden": torch.ones(2, 4)}]
+    b = plain_batch(rows)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert b["loss_mask"].tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]  # position t counts if token t+1 does
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("loss,fn", [("kld", L.kld_loss), ("tvd", L.tvd_loss),
+                                     ("tvdpp", lambda q, p, m: L.tvdpp_loss(q, p, m, stats="batch"))])
+def test_each_loss_scores_the_masked_positions_against_the_target(target, loss, fn):
+    task = DraftLMTask(DraftLMOptions(layers=1, loss=loss, tvdpp_stats="batch"))
+    head = task.make_head(target.model)
+    rows = _rows(target)
+    batch = plain_batch(rows)
+    got = task.loss(head, batch)
+    q_all, p_all = [], []
+    with torch.no_grad():
+        for r in rows:  # one sequence at a time, unpadded
+            n = len(r["input_ids"])
+            m = r["loss_mask"][1:n].bool()
+            q_all.append(head.logits(head(r["input_ids"][None]))[0, :n - 1][m])
+            p_all.append(target.model.get_output_embeddings()(r["hidden"][:n - 1][m]))
+    q, p = torch.cat(q_all), torch.cat(p_all)
+    ones = torch.ones(len(q))
+    torch.testing.assert_close(got["loss"].detach(), fn(q, p, ones), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["tvd"], L.tvd(q, p, ones), atol=1e-5, rtol=1e-5)
+
+
+def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monkeypatch):
+    """`specbench train --method tvd --layers 1` on the tiny target: the manifest says the loss, only the kept
+    layers and the norm changed, and the exported directory drafts for `tvd` with vanilla's greedy output."""
+    from dataclasses import replace
+
+    from test_training import _conversations, _fake_tokenizer
+
+    from specbench.decoding import SamplingConfig, generate
+    from specbench.methods import DrafterBase, get_method
+    from specbench.models import load_model, tiny_llama
+    from specbench.models.target import Target
+
+    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
+    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
+    tiny.model.save_pretrained(tmp_path / "t")
+    tiny.tokenizer.save_pretrained(tmp_path / "t")
+    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    out = tmp_path / "tvd"
+    rc = get_method("tvd").train(["--target", str(tmp_path / "t"), "--out", str(out), "--data",
+                                  str(tmp_path / "sg.json"), "--max-conversations", "8", "--max-tokens", "64",
+                                  "--epochs", "1", "--batch-size", "4", "--heldout", "2", "--no-progress",
+                                  "--layers", "1", "--lr", "1e-2"])
+    assert rc == 0
+    man = json.loads((out / "MANIFEST.json").read_text())
+    assert man["method"] == "tvdpp" and man["training"]["task"]["loss"] == "tvd" and man["heldout"]["tokens"] > 0
+    draft = load_model(str(out)).model
+    before = layer_prefix_draft(tiny.model, 1)
+    changed = {k for k, v in draft.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed and all(k.startswith(("model.layers.0.", "model.norm.")) for k in changed)
+
+    target = Target(tiny.model, name="tiny")
+    method = get_method("tvd")
+    cfg = SamplingConfig()
+    drafter = method.drafter(target, cfg, None, **method.params({"checkpoint": str(out)}))
+    prompt = [3, 4, 5, 6, 7]
+    ref = generate(target, DrafterBase(), prompt, 16, cfg, None, stop_ids=set()).tokens
+    assert generate(target, drafter, prompt, 16, cfg, None, stop_ids=set()).tokens == ref
