@@ -170,8 +170,11 @@ def test_other_vocabularies_are_refused(target):
 
 def test_the_method_needs_a_draft_and_checks_it(target, tmp_path):
     method = get_method("sps")
-    with pytest.raises(CheckpointError, match="sps needs a draft model: pass --param checkpoint=PATH"):
+    with pytest.raises(CheckpointError, match="method sps needs a draft model for tiny: pass --param checkpoint=PATH"):
         method.drafter(target, SamplingConfig(), None, **method.params())
+    tvdpp = get_method("tvdpp")
+    with pytest.raises(CheckpointError, match="or train one with `specbench train --method tvdpp ...`"):
+        tvdpp.drafter(target, SamplingConfig(), None, **tvdpp.params())
     tiny_target(vocab_size=80).model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="scores 80 token ids"):
         method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": str(tmp_path)}))
