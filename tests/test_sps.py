@@ -216,3 +216,16 @@ def test_the_reduced_vocabulary_check_catches_q_reported_over_the_full_vocabular
     d = DraftModelDrafter(draft, cfg, g, gamma=3, draft_vocab=12)
     emitted, _, _ = first_tokens(target, d, prompt, cfg, g, n=MUTANT_GENERATIONS)
     assert not check_sequence(emitted, exact_rows(target.model, prompt, emitted, cfg)).ok
+
+
+def test_a_prefix_checkpoint_is_built_from_the_target(target):
+    method = get_method("sps")
+    d = method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": "prefix:1"}))
+    assert d.draft.config.num_hidden_layers == 1 and d.checkpoint_sha256.endswith(":prefix:1")
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(d.draft.model(input_ids=ids).logits,
+                                   layer_prefix_draft(target.model, 1)(input_ids=ids).logits)
+    for bad in ("prefix:3", "prefix:x"):
+        with pytest.raises(CheckpointError, match=f"checkpoint={bad}: prefix:K needs an integer K in 1..2"):
+            method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": bad}))

@@ -128,15 +128,37 @@ def _load_draft(method: str, target, spec: str):
             train = "" if method == "sps" else f" or train one with `specbench train --method {method} ...`"
             raise CheckpointError(f"method {method} needs a draft model for {target.name or 'this target'}: pass "
                                   "--param checkpoint=PATH (a causal LM directory, a cached HF id or an embedded "
-                                  f"name, with the target's tokenizer){train}")
+                                  f"name, with the target's tokenizer; or {PREFIX}K, the target's first K layers)"
+                                  f"{train}")
         spec = str(CHECKPOINTS_DIR / dc.name)
     per_target = _DRAFTS.setdefault(target, {})
     if spec not in per_target:
-        draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
-        check_same_vocabulary(target, draft)
+        if spec.startswith(PREFIX):
+            draft = _prefix_draft(target, spec)
+        else:
+            draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
+            check_same_vocabulary(target, draft)
         per_target.clear()
         per_target[spec] = draft
     return per_target[spec]
+
+
+PREFIX = "prefix:"  # checkpoint=prefix:K: the target's first K layers, final norm and LM head, built at run time
+
+
+def _prefix_draft(target, spec: str):
+    """The untrained layer-prefix draft `prefix:K` of the target (the TVD++ pipeline's phase-1 stand-in)."""
+    from ..models.draft_lm import layer_prefix_draft
+    from ..models.target import Target
+
+    try:
+        k = int(spec[len(PREFIX):])
+        lm = layer_prefix_draft(target.model, k)
+    except ValueError as e:
+        n = target.config.num_hidden_layers
+        raise CheckpointError(f"checkpoint={spec}: {PREFIX}K needs an integer K in 1..{n} ({e})") from None
+    ident = f"{target.weights_sha256 or target.name}:{PREFIX}{k}"  # what results files record as the draft
+    return Target(lm, getattr(target, "tokenizer", None), name=f"{target.name}:{PREFIX}{k}", weights_sha256=ident)
 
 
 def draft_model_method(name: str, description: str, train=None) -> Method:
