@@ -314,6 +314,32 @@ def test_self_distillation_regenerates_assistant_turns(tiny, tmp_path):
     assert again == out
 
 
+def test_self_distillation_assigns_settings_round_robin(tiny, tmp_path):
+    import json
+
+    from specbench.training.features import parse_distill_settings, regenerate_conversations
+
+    convs = [(f"c{i}", [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": "old"}])
+             for i in range(5)]
+    settings = parse_distill_settings("0:1, 1.0:0.9")
+    assert settings == [(0.0, 1.0), (1.0, 0.9)]
+    out = regenerate_conversations(tiny.model, tiny.tokenizer, convs, out_dir=tmp_path, max_tokens=200,
+                                   batch_size=2, max_new_tokens=5, settings=settings, progress=False)
+    assert [c for c, _ in out] == [c for c, _ in convs]  # the conversations' order, whatever the batching
+    recs = {r["id"]: r for r in map(json.loads, (tmp_path / "distilled.jsonl").read_text().splitlines())}
+    assert {cid: (r["temperature"], r["top_p"]) for cid, r in recs.items()} == {
+        f"c{i}": settings[i % 2] for i in range(5)}
+    greedy = regenerate_conversations(tiny.model, tiny.tokenizer, convs[:1], out_dir=tmp_path / "g", max_tokens=200,
+                                      batch_size=2, max_new_tokens=5, progress=False)
+    assert greedy[0] == out[0]  # setting 0 is greedy: the same answer as a greedy-only run
+    for bad, why in (("0.7", None), ("x:1", "not temperature:top_p"), ("1:0", "0 < top_p <= 1"), ("", "no distil")):
+        if why is None:
+            assert parse_distill_settings(bad) == [(0.7, 1.0)]
+            continue
+        with pytest.raises(ValueError, match=why):
+            parse_distill_settings(bad)
+
+
 def test_train_options_are_checked_before_any_work(tmp_path):
     from specbench.errors import UsageError
     from specbench.training.eagle import main
@@ -321,7 +347,8 @@ def test_train_options_are_checked_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(UsageError, match="--log .*cannot write in"):
         main(["--out", str(tmp_path / "o"), "--log", str(tmp_path / "afile" / "x.log")])
-    for bad in (["--embed-init-scale", "abc"], ["--threads", "-1"]):
+    for bad in (["--embed-init-scale", "abc"], ["--threads", "-1"], ["--self-distill", "--distill-settings", "x"],
+                ["--self-distill", "--distill-max-new", "0"]):
         with pytest.raises(SystemExit) as e:
             main(["--out", str(tmp_path / "o"), *bad])
         assert e.value.code == 2

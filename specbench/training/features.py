@@ -295,18 +295,38 @@ def heldout_conversations(data: str = "sharegpt", n: int = 50, cache: Path | Non
 # ---------------------------------------------------------------- self-distillation (HASS appendix D)
 
 
+def parse_distill_settings(text: str) -> list[tuple[float, float]]:
+    """``"T:P,T:P,..."`` (temperature:top_p pairs; ``0`` for greedy) -> [(T, P), ...]."""
+    out = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        t, _, p = part.partition(":")
+        try:
+            pair = (float(t), float(p or 1.0))
+        except ValueError:
+            raise ValueError(f"distillation setting {part!r} is not temperature:top_p (e.g. 0.7:0.95)") from None
+        if pair[0] < 0 or not 0 < pair[1] <= 1:
+            raise ValueError(f"distillation setting {part!r}: temperature >= 0 and 0 < top_p <= 1")
+        out.append(pair)
+    if not out:
+        raise ValueError("no distillation setting given (e.g. 0:1,0.7:0.95,1:1)")
+    return out
+
+
 @torch.no_grad()
 def regenerate_conversations(model, tokenizer, convs, *, out_dir: Path, max_tokens: int = 512, batch_size: int = 8,
                              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                             progress: bool = True):
+                             settings: Sequence[Sequence[float]] | None = None, progress: bool = True):
     """Self-distillation data: the target re-answers every user turn, its own replies kept in the context.
 
     HASS appendix D (after Medusa / DistillSpec): "we feed the prompts from the ShareGPT dataset into the
-    target models recursively and collect the responses as multi-turn conversations". Conversations are
-    processed in batches, turn by turn (left-padded batched ``generate``: greedy at temperature 0, else
-    sampled with `temperature`/`top_p` from a seeded generator); a conversation stops once its context
-    reaches `max_tokens`. Results are appended to ``out_dir/distilled.jsonl`` per batch, so an interrupted
-    run resumes where it stopped. Returns the regenerated ``(id, messages)`` list (same order).
+    target models recursively and collect the responses as multi-turn conversations"; the TVD++ paper's
+    distillation set does the same at several temperatures and top-p. `settings` [(T, top_p), ...]
+    (default: the one `temperature`/`top_p`) are assigned round-robin by the conversation's position in
+    `convs`. Conversations of one setting are processed in batches, turn by turn (left-padded batched
+    ``generate``: greedy at temperature 0, else sampled from a seeded generator); a conversation stops once
+    its context reaches `max_tokens`. Results (with their setting) are appended to ``out_dir/distilled.jsonl``
+    per batch, so an interrupted run resumes where it stopped. Returns the regenerated ``(id, messages)``
+    list (same order).
     """
     from tqdm.auto import tqdm
 
@@ -321,66 +341,73 @@ def regenerate_conversations(model, tokenizer, convs, *, out_dir: Path, max_toke
             except ValueError:
                 continue  # a line cut by a kill
             done[rec["id"]] = rec["messages"]
-    todo = [(cid, conv) for cid, conv in convs if cid not in done]
-    log.info(f"self-distillation: {len(convs)} conversations, {len(convs) - len(todo)} already regenerated -> {store}")
+    settings = [(float(t), float(p)) for t, p in (settings or [(temperature, top_p)])]
+    todo = [(i, cid, conv) for i, (cid, conv) in enumerate(convs) if cid not in done]
+    log.info(f"self-distillation: {len(convs)} conversations, {len(convs) - len(todo)} already regenerated, "
+             f"settings (temperature, top_p) {settings} -> {store}")
     if not todo:
         return [(cid, done[cid]) for cid, _ in convs if done.get(cid)]
-    device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = torch.Generator(device="cpu").manual_seed(seed)
     bar = tqdm(total=len(todo), unit="conv", desc="self-distill", disable=not progress)
     try:
         with open(store, "a") as f:
-            for b in range(0, len(todo), batch_size):
-                batch = todo[b:b + batch_size]
-                users = [[m for m in conv if m["role"] == "user"] for _, conv in batch]
-                systems = [[m for m in conv[:1] if m["role"] == "system"] for _, conv in batch]
-                hist = [list(s) for s in systems]
-                alive = list(range(len(batch)))
-                k = 0
-                while alive:
-                    rows, prompts = [], []
-                    for i in alive:
-                        if k >= len(users[i]):
-                            continue
-                        msgs = hist[i] + [users[i][k]]
-                        ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-                        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-                        if len(ids) >= max_tokens - 8:
-                            continue
-                        rows.append(i)
-                        prompts.append(ids)
-                    if not rows:
-                        break
-                    L = max(len(p) for p in prompts)
-                    inp = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-                    att = torch.zeros(len(prompts), L, dtype=torch.long)
-                    for r, p in enumerate(prompts):
-                        inp[r, L - len(p):] = torch.tensor(p)
-                        att[r, L - len(p):] = 1
-                    budget = max(1, min(max_new_tokens, max_tokens - min(len(p) for p in prompts)))
-                    kw = {"do_sample": temperature > 0, "max_new_tokens": budget, "pad_token_id": pad_id}
-                    if temperature > 0:
-                        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                        kw.update(temperature=temperature, top_p=top_p)
-                    outs = model.generate(input_ids=inp.to(device), attention_mask=att.to(device), **kw)
-                    for r, i in enumerate(rows):
-                        reply = tokenizer.decode(outs[r, L:], skip_special_tokens=True).strip()
-                        hist[i] += [users[i][k], {"role": "assistant", "content": reply}]
-                    alive = rows
-                    k += 1
-                for i, (cid, _) in enumerate(batch):
-                    msgs = hist[i]
-                    if any(m["role"] == "assistant" for m in msgs):
-                        done[cid] = msgs
-                    else:
-                        done[cid] = []
-                    f.write(json.dumps({"id": cid, "messages": done[cid]}) + "\n")
-                f.flush()
-                bar.update(len(batch))
+            for s_idx, (temp, tp) in enumerate(settings):
+                mine = [(cid, conv) for i, cid, conv in todo if i % len(settings) == s_idx]
+                for b in range(0, len(mine), batch_size):
+                    batch = mine[b:b + batch_size]
+                    hist = _answer_batch(model, tokenizer, batch, temp, tp, gen, max_tokens, max_new_tokens)
+                    for (cid, _), msgs in zip(batch, hist):
+                        done[cid] = msgs if any(m["role"] == "assistant" for m in msgs) else []
+                        f.write(json.dumps({"id": cid, "temperature": temp, "top_p": tp, "messages": done[cid]})
+                                + "\n")
+                    f.flush()
+                    bar.update(len(batch))
     finally:
         tokenizer.padding_side = old_side
         bar.close()
     return [(cid, done[cid]) for cid, _ in convs if done.get(cid)]
+
+
+def _answer_batch(model, tokenizer, batch, temperature: float, top_p: float, gen: torch.Generator, max_tokens: int,
+                  max_new_tokens: int) -> list[list[dict]]:
+    """The target's answers to every user turn of each conversation of `batch`, turn by turn, batched."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    users = [[m for m in conv if m["role"] == "user"] for _, conv in batch]
+    hist = [[m for m in conv[:1] if m["role"] == "system"] for _, conv in batch]
+    alive = list(range(len(batch)))
+    k = 0
+    while alive:
+        rows, prompts = [], []
+        for i in alive:
+            if k >= len(users[i]):
+                continue
+            msgs = hist[i] + [users[i][k]]
+            ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            if len(ids) >= max_tokens - 8:
+                continue
+            rows.append(i)
+            prompts.append(ids)
+        if not rows:
+            break
+        L = max(len(p) for p in prompts)
+        inp = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+        att = torch.zeros(len(prompts), L, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            inp[r, L - len(p):] = torch.tensor(p)
+            att[r, L - len(p):] = 1
+        budget = max(1, min(max_new_tokens, max_tokens - min(len(p) for p in prompts)))
+        kw = {"do_sample": temperature > 0, "max_new_tokens": budget, "pad_token_id": pad_id}
+        if temperature > 0:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            kw.update(temperature=temperature, top_p=top_p)
+        outs = model.generate(input_ids=inp.to(device), attention_mask=att.to(device), **kw)
+        for r, i in enumerate(rows):
+            reply = tokenizer.decode(outs[r, L:], skip_special_tokens=True).strip()
+            hist[i] += [users[i][k], {"role": "assistant", "content": reply}]
+        alive = rows
+        k += 1
+    return hist

@@ -182,7 +182,12 @@ def parser(task_cls: type[Task]) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--self-distill", action="store_true")
+    p.add_argument("--self-distill", action="store_true",
+                   help="train on the target's own answers to the conversations' user turns (regenerated once, cached)")
+    p.add_argument("--distill-settings", default="0:1",
+                   help="temperature:top_p pairs of the self-distillation, assigned round-robin (default 0:1, greedy)")
+    p.add_argument("--distill-max-new", type=int, default=256, help="new tokens per regenerated answer at most")
+    p.add_argument("--distill-batch-size", type=int, default=8, help="conversations generated together")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--feature-cache", type=Path)
     p.add_argument("--work-dir", type=Path)
@@ -209,6 +214,18 @@ def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     task = task_cls(options_from_args(task_cls.Options, a), seed=a.seed)
+    distill = None
+    if a.self_distill:
+        from .features import parse_distill_settings
+
+        try:
+            settings = parse_distill_settings(a.distill_settings)
+        except ValueError as e:
+            p.error(str(e))
+        if a.distill_max_new < 1 or a.distill_batch_size < 1:
+            p.error("--distill-max-new and --distill-batch-size must be >= 1")
+        distill = {"settings": [list(x) for x in settings], "max_new_tokens": a.distill_max_new,
+                   "batch_size": a.distill_batch_size, "seed": a.seed}
     cmd = (f"specbench train --method {task_cls.name} "
            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
@@ -221,7 +238,8 @@ def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
             init = train(task_cls(phase.opts, seed=a.seed), a.target, out, data=a.data,
                          max_conversations=a.max_conversations, max_tokens=a.max_tokens,
                          epochs=phase.epochs or a.epochs, lr=phase.lr or a.lr, batch_size=a.batch_size, seed=a.seed,
-                         self_distill=a.self_distill, resume=not a.no_resume, feature_cache=a.feature_cache,
+                         self_distill=a.self_distill, distill_kwargs=distill, resume=not a.no_resume,
+                         feature_cache=a.feature_cache,
                          work_dir=work, heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress,
                          command=cmd, init_from=init)
     return 0
