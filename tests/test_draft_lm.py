@@ -94,11 +94,23 @@ def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monke
                                   "--layers", "1", "--lr", "1e-2"])
     assert rc == 0
     man = json.loads((out / "MANIFEST.json").read_text())
-    assert man["method"] == "tvdpp" and man["training"]["task"]["loss"] == "tvd" and man["heldout"]["tokens"] > 0
+    assert man["method"] == "tvd" and man["training"]["task"]["loss"] == "tvd" and man["heldout"]["tokens"] > 0
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
     draft = load_model(str(out)).model
     before = layer_prefix_draft(tiny.model, 1)
     changed = {k for k, v in draft.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.startswith(("model.layers.0.", "model.norm.")) for k in changed)
+
+    # a second phase from it keeps the embedding and LM head frozen
+    rc = get_method("tvd").train(["--target", str(tmp_path / "t"), "--out", str(tmp_path / "again"), "--data",
+                                  str(tmp_path / "sg.json"), "--max-conversations", "8", "--max-tokens", "64",
+                                  "--epochs", "1", "--batch-size", "4", "--heldout", "0", "--no-progress",
+                                  "--layers", "1", "--lr", "1e-2", "--init-from", str(out)])
+    assert rc == 0
+    again = json.loads((tmp_path / "again" / "MANIFEST.json").read_text())
+    assert again["trainable_parameters"] == man["trainable_parameters"]
+    emb = load_model(str(tmp_path / "again")).model.get_input_embeddings().weight
+    assert torch.equal(emb, tiny.model.get_input_embeddings().weight)
 
     target = Target(tiny.model, name="tiny")
     method = get_method("tvd")

@@ -229,3 +229,21 @@ def test_a_prefix_checkpoint_is_built_from_the_target(target):
     for bad in ("prefix:3", "prefix:x"):
         with pytest.raises(CheckpointError, match=f"checkpoint={bad}: prefix:K needs an integer K in 1..2"):
             method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": bad}))
+
+
+def test_the_ranking_follows_the_draft_and_is_recorded(target, tmp_path):
+    """A trained draft's directory ranks its vocabulary; the drafter reports the ranking's sha256 only when a
+    reduced vocabulary uses it."""
+    from specbench.artifacts import sha256_file
+
+    layer_prefix_draft(target.model, 1).save_pretrained(tmp_path)
+    (tmp_path / "draft_vocab.json").write_text(json.dumps(list(range(63, -1, -1))))
+    method = get_method("sps")
+    d = method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": str(tmp_path),
+                                                                          "draft_vocab": "8"}))
+    assert d.vocab.ranking == tmp_path / "draft_vocab.json"
+    assert d.draft_vocab_sha256 == sha256_file(tmp_path / "draft_vocab.json")
+    d.begin([1, 2], None)
+    assert sorted(d.vocab.ids.tolist()) == sorted({*range(56, 64), 1, 2})
+    full = method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": str(tmp_path)}))
+    assert full.draft_vocab_sha256 is None

@@ -340,6 +340,15 @@ def test_self_distillation_assigns_settings_round_robin(tiny, tmp_path):
             parse_distill_settings(bad)
 
 
+def test_default_distillation_keeps_its_feature_cache_key():
+    from specbench.training.pipeline import distill_options
+
+    assert distill_options([(0.0, 1.0)], 256, 8, seed=5) == {}  # greedy: the seed is irrelevant
+    assert distill_options([(0.0, 1.0), (1.0, 0.9)], 256, 8, seed=5) == {"settings": [[0.0, 1.0], [1.0, 0.9]],
+                                                                         "seed": 5}
+    assert distill_options([(0.0, 1.0)], 128, 4, seed=0) == {"max_new_tokens": 128, "batch_size": 4}
+
+
 def test_train_options_are_checked_before_any_work(tmp_path):
     from specbench.errors import UsageError
     from specbench.training.eagle import main

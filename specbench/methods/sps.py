@@ -50,6 +50,15 @@ class DraftModelDrafter(DrafterBase):
         self.vocab = DraftVocab(draft.head.weight.detach(), _detached(getattr(draft.head, "bias", None)),
                                 draft_vocab, ranking)
 
+    @property
+    def draft_vocab_sha256(self) -> str | None:
+        """sha256 of the ranking a reduced draft vocabulary follows (None if unused), for results files."""
+        if self.vocab.full or self.vocab.ranking is None:
+            return None
+        from ..artifacts import sha256_file
+
+        return sha256_file(self.vocab.ranking)
+
     def _logits(self, pending: list[int]) -> torch.Tensor:
         """(1, V) draft logits after feeding `pending` (-inf outside a reduced vocabulary)."""
         if self.vocab.full:
@@ -167,12 +176,28 @@ def draft_model_method(name: str, description: str, train=None) -> Method:
     def drafter(target, sampling: SamplingConfig, generator, checkpoint: Any = "", gamma: int = 5,
                 draft_vocab: int = 0) -> DraftModelDrafter:
         draft = checkpoint if hasattr(checkpoint, "extend") else _load_draft(name, target, str(checkpoint))
-        ranking = Path(draft.model.name_or_path) / DRAFT_VOCAB_FILE if hasattr(draft, "model") else None
-        return DraftModelDrafter(draft, sampling, generator, int(gamma), int(draft_vocab),
-                                 ranking if ranking is not None and ranking.is_file() else None)
+        return DraftModelDrafter(draft, sampling, generator, int(gamma), int(draft_vocab), _ranking(draft, target))
 
     return Method(name, description, drafter, train=train, defaults={"checkpoint": "", "gamma": 5, "draft_vocab": 0},
                   draft_budget=lambda p: {"tree_nodes": int(p["gamma"]) + 1, "draft_vocab": int(p["draft_vocab"])})
+
+
+def _ranking(draft, target) -> Path | None:
+    """The token ranking a reduced draft vocabulary follows: for a draft built from the target (prefix:K),
+    that of a committed head for the target (its training data's assistant tokens by frequency); else the
+    draft directory's DRAFT_VOCAB_FILE (training writes one); else none (ids in order)."""
+    from . import catalogue
+    from .head_drafters import CHECKPOINTS_DIR
+
+    if str(draft.name).startswith(f"{target.name}:{PREFIX}"):
+        for ident in catalogue.KNOWN:
+            dc = ident.default_checkpoint
+            if dc is not None and dc.target == target.name and (CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE).is_file():
+                return CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE
+        return None
+    path = str(getattr(getattr(draft, "model", None), "name_or_path", "") or "")
+    own = Path(path) / DRAFT_VOCAB_FILE
+    return own if path and own.is_file() else None
 
 
 def _train_with(loss: str):

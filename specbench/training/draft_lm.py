@@ -6,7 +6,8 @@ trains those layers and the norm; the embedding and the LM head stay the target'
 head's), so the draft's vocabulary and its token rows are the target's. The data is the feature cache of
 the pipeline (token ids and the target's last hidden states), ideally of the target's own answers
 (``--self-distill``, HASS appendix D / TVD++ phase 2): the target's next-token distribution at position t
-is ``p_t = softmax(lm_head(h_t))``, exactly, over the full vocabulary. The draft reads the same tokens
+is ``p_t = softmax(lm_head(h_t))`` over the full vocabulary, from the cached h_t (stored in float16, the
+one approximation). The draft reads the same tokens
 (teacher forcing) and is scored at assistant tokens (position t counts when token t+1 is an assistant
 reply's) by `--loss`:
 
@@ -15,8 +16,8 @@ reply's) by `--loss`:
 * ``tvdpp``: the same with the normalised advantage, its mean and std by `--tvdpp-stats`
   (``specbench.training.losses``, where the derivation is written out).
 
-The exported checkpoint is a Hugging Face causal-LM directory (``save_pretrained``): any tool loads it,
-and ``sps`` drafts with it (``--param checkpoint=DIR``).
+The exported checkpoint is a Hugging Face causal-LM directory (``save_pretrained``, with the target's
+tokenizer): any tool loads it, and ``sps`` drafts with it (``--param checkpoint=DIR``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ class DraftLMTask(Task):
     heldout_what = ("top-1 agreement of the draft's next-token prediction with the target's argmax, teacher-forced "
                     "on the true tokens")
 
+    ships_tokenizer = True
+
     def __init__(self, opts: DraftLMOptions | None = None, seed: int = 0):
         super().__init__(opts, seed)
+        self.name = self.opts.loss  # the method that decodes the draft (kld, tvd, tvdpp): manifest, work dir
         self._target_head = None
 
     def make_head(self, model, data=None, seed: int = 0) -> DraftLM:
@@ -128,7 +132,8 @@ class DraftLMTask(Task):
         return {"loss": loss, "tvd": return_tvd, "acc": acc, "n_tokens": mask.sum()}
 
     def describe(self) -> dict:
-        return {**super().describe(), "p": "softmax(the target's LM head over its last hidden states), full vocabulary",
+        return {**super().describe(),
+                "p": "softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary",
                 "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",
                 "init": f"the target's first {self.opts.layers} decoder layers, final norm and LM head"}
 
@@ -163,10 +168,11 @@ class DraftLMTask(Task):
         hit = n = 0
         for _, conv in conversations:
             f = format_conversation(tokenizer, conv, max_tokens)
-            m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
+            dev = next(model.parameters()).device
+            m = torch.tensor(f.loss_mask[1:], dtype=torch.bool, device=dev)
             if not m.any():
                 continue
-            ids = torch.tensor([f.input_ids])
+            ids = torch.tensor([f.input_ids], device=dev)
             p = head(target_hidden_states(model, ids)[0, :-1][m])
             q = exported.logits(exported(ids)[0, :-1][m])
             hit += int((q.argmax(-1) == p.argmax(-1)).sum())

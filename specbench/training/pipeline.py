@@ -28,7 +28,7 @@ from .trainer import TrainConfig, train_loop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["main", "train", "write_draft_vocab"]
+__all__ = ["distill_options", "main", "train", "write_draft_vocab"]
 
 
 def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
@@ -115,8 +115,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     if init_from is not None:
         src = task.load(init_from, model)  # strict: keys, shapes, hidden and vocab sizes
         head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in task.exported_state(src).items()}},
-                             strict=True)
-        head.requires_grad_(True)
+                             strict=True)  # in place: what the task froze stays frozen
         log.info(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
     res = train_loop(head, cache, task, cfg, Path(work_dir), resume=resume, progress=progress, accelerator=acc,
                      config_fingerprint=fp)
@@ -128,6 +127,8 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
 
     out.mkdir(parents=True, exist_ok=True)
     task.export(head, out)
+    if task.ships_tokenizer and loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)  # a standalone draft: the target's tokenizer travels with it
     wsha = sha256_file(out / "model.safetensors")
     dv = write_draft_vocab(out, cache, int(model.get_output_embeddings().weight.shape[0]))
 
@@ -167,6 +168,16 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     write_json(out / "MANIFEST.json", manifest, indent=2)
     log.info(f"wrote {out} (model.safetensors sha256 {wsha[:16]}...; {DRAFT_VOCAB_FILE}: {dv['distinct_ids']} ids)")
     return out
+
+
+def distill_options(settings: list[tuple[float, float]], max_new_tokens: int, batch_size: int, seed: int) -> dict:
+    """regenerate_conversations' keyword arguments that differ from its defaults: only those enter the
+    feature-cache key, so a greedy run keeps the key it always had; the seed matters only when a setting
+    samples."""
+    given = {"settings": [list(x) for x in settings], "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+             "seed": seed if any(t > 0 for t, _ in settings) else 0}
+    defaults = {"settings": [[0.0, 1.0]], "max_new_tokens": 256, "batch_size": 8, "seed": 0}
+    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def parser(task_cls: type[Task]) -> argparse.ArgumentParser:
@@ -224,8 +235,7 @@ def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
             p.error(str(e))
         if a.distill_max_new < 1 or a.distill_batch_size < 1:
             p.error("--distill-max-new and --distill-batch-size must be >= 1")
-        distill = {"settings": [list(x) for x in settings], "max_new_tokens": a.distill_max_new,
-                   "batch_size": a.distill_batch_size, "seed": a.seed}
+        distill = distill_options(settings, a.distill_max_new, a.distill_batch_size, a.seed)
     cmd = (f"specbench train --method {task_cls.name} "
            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.

@@ -85,6 +85,7 @@ class Task(abc.ABC):
         return [Phase(self.opts)]
 
     # -- the exported checkpoint (a draft head of the registry's architecture `arch` by default)
+    ships_tokenizer: ClassVar[bool] = False  # export the target's tokenizer with the checkpoint
     heldout_what: ClassVar[str] = ("top-1 agreement of the head's next-token prediction with the target's argmax "
                                    "at t+1, teacher-forced on the target's features")
 
@@ -123,11 +124,12 @@ def head_heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int
         f = format_conversation(tokenizer, conv, max_tokens)
         if sum(f.loss_mask[1:]) == 0:
             continue
-        ids = torch.tensor([f.input_ids])
+        dev = next(model.parameters()).device
+        ids = torch.tensor([f.input_ids], device=dev)
         h = target_hidden_states(model, ids).float()
         T = ids.shape[1] - 1
-        out = head(ids[:, 1:], h[:, :T], torch.arange(T)[None])
-        m = torch.tensor(f.loss_mask[1:], dtype=torch.bool)
+        out = head(ids[:, 1:], h[:, :T], torch.arange(T, device=dev)[None])
+        m = torch.tensor(f.loss_mask[1:], dtype=torch.bool, device=dev)
         hl = head.logits(head.token_features(out)[0][m])
         tl = head.logits(h[0, 1:][m])
         hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
