@@ -259,3 +259,18 @@ def test_train_command_trains_an_ablation_into_a_loadable_head(tmp_path, monkeyp
     assert man["training"]["task"]["partial_alignment"] and not man["training"]["task"]["feature_sampler"]
     rec = load_head(out, tiny.model, "fspad")
     assert rec.head.variant == "wofs" and rec.weights_sha256 == man["weights_sha256"]
+
+
+def test_parameter_overhead_on_the_embedded_target_as_the_readme_states():
+    """Trainable parameters of each head for SmolLM2-135M's sizes (H 576, I 1536, 9 heads, 3 KV heads), built on
+    the meta device: the README's overhead figures."""
+    from torch import nn
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      vocab_size=49152, num_hidden_layers=30)
+    with torch.device("meta"):
+        emb, lm = nn.Embedding(49152, 576), nn.Linear(576, 49152, bias=False)
+        count = {"eagle": EagleHead(cfg, emb, lm)} | {v: FspadHead(cfg, emb, lm, variant=v) for v in VARIANTS}
+        count = {k: sum(t.numel() for t in h.trainable_state_dict().values()) for k, h in count.items()}
+    assert count == {"eagle": 4_203_648, "fspad": 7_743_168, "wofs": 5_088_384, "mlplin": 6_858_432}
