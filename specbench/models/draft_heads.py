@@ -44,6 +44,7 @@ __all__ = [
     "read_checkpoint_config",
     "register_head",
     "save_head",
+    "target_name",
     "target_parts",
 ]
 
@@ -151,6 +152,12 @@ def head_architectures() -> list[str]:
     return sorted({*_BUILTIN, *_ARCHS})
 
 
+def target_name(target) -> str:
+    """How error messages name `target` (a specbench Target or an HF causal LM)."""
+    cfg = getattr(target, "config", None)
+    return getattr(target, "name", "") or getattr(cfg, "_name_or_path", "") or "the target"
+
+
 def target_parts(target) -> tuple[Any, nn.Embedding, nn.Linear, Any]:
     """(config, embed_tokens, lm_head, decoder body) of a specbench Target or an HF causal LM."""
     model = getattr(target, "model", None)
@@ -236,8 +243,7 @@ def load_head(path: str | os.PathLike, target, arch: str | None = None) -> Loade
     """
     d = Path(path)
     cfg = read_checkpoint_config(d)
-    tcfg = target_parts(target)[0]
-    tname = getattr(target, "name", "") or getattr(tcfg, "_name_or_path", "") or "the target"
+    tname = target_name(target)
     name = str(cfg.get(ARCH_KEY) or arch or "eagle")  # official checkpoints name no architecture
     if arch is not None and name != arch:
         raise CheckpointError(f"draft checkpoint {d} holds a {name} head, not a {arch} head; pass a {arch} checkpoint")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .draft_heads import CheckpointError, HeadArch, target_parts
+from .draft_heads import CheckpointError, HeadArch, target_name, target_parts
 from .hf_compat import cache_kwargs
 
 __all__ = ["EAGLE_ARCH", "EagleHead", "head_config", "head_from_config"]
@@ -240,7 +240,7 @@ def head_from_config(target, cfg_dict: dict | None, cls: type[EagleHead] = Eagle
     if cfg_dict is None:
         return cls.for_target(target, **options)
     tcfg, embed, lm_head, body = target_parts(target)
-    tname = getattr(target, "name", "") or getattr(tcfg, "_name_or_path", "") or "the target"
+    tname = target_name(target)
     t_sizes = {"hidden_size": int(embed.weight.shape[1]), "vocab_size": int(lm_head.weight.shape[0])}
     for key, size in t_sizes.items():
         if key not in cfg_dict:
