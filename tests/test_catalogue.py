@@ -52,7 +52,7 @@ def test_checkpoints_live_on_the_method():
     assert m["eagle"].needs_checkpoint and m["eagle2"].needs_checkpoint
     assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
     assert m["eagle2"].identity.draft_of == "eagle"
-    heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m"}
+    heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m", "hass": "hass-smollm2-135m"}
     for name, want in heads.items():
         head = m[name].default_checkpoint("smollm2-135m")
         assert head == want == E.default_checkpoint_dir(name).name

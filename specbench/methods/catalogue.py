@@ -54,7 +54,8 @@ KNOWN: tuple[Identity, ...] = (
     Identity("eagle", needs_checkpoint=True, head="eagle", default_checkpoint=_SMOLLM_HEAD),
     Identity("eagle2", aliases=("eagle-2",), needs_checkpoint=True, draft_of="eagle", head="eagle",
              default_checkpoint=_SMOLLM_HEAD),
-    Identity("hass", needs_checkpoint=True, head="eagle"),  # EAGLE's architecture, trained differently
+    Identity("hass", needs_checkpoint=True, head="eagle",  # EAGLE's architecture, trained differently
+             default_checkpoint=DefaultCheckpoint("smollm2-135m", "hass-smollm2-135m")),
     Identity("fspad", needs_checkpoint=True, head="fspad"),
     Identity("kld", needs_checkpoint=True),
     Identity("tvd", needs_checkpoint=True),
