@@ -73,20 +73,15 @@ def test_each_loss_scores_the_masked_positions_against_the_target(target, loss, 
 def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monkeypatch):
     """`specbench train --method tvd --layers 1` on the tiny target: the manifest says the loss, only the kept
     layers and the norm changed, and the exported directory drafts for `tvd` with vanilla's greedy output."""
-    from dataclasses import replace
 
-    from test_training import _conversations, _fake_tokenizer
+    from test_training import tiny_train_inputs
 
     from specbench.decoding import SamplingConfig, generate
     from specbench.methods import DrafterBase, get_method
-    from specbench.models import load_model, tiny_llama
+    from specbench.models import load_model
     from specbench.models.target import Target
 
-    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
-    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
-    tiny.model.save_pretrained(tmp_path / "t")
-    tiny.tokenizer.save_pretrained(tmp_path / "t")
-    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    tiny, _, _ = tiny_train_inputs(tmp_path, monkeypatch)
     out = tmp_path / "tvd"
     rc = get_method("tvd").train(["--target", str(tmp_path / "t"), "--out", str(out), "--data",
                                   str(tmp_path / "sg.json"), "--max-conversations", "8", "--max-tokens", "64",

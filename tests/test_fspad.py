@@ -237,18 +237,12 @@ def test_the_embedding_init_scale_reaches_the_samplers_fc(target):
 def test_train_command_trains_an_ablation_into_a_loadable_head(tmp_path, monkeypatch):
     """`specbench train --method fspad --variant wofs` on the tiny target: the manifest says which variant,
     the exported head loads strictly as that FSPAD variant."""
-    from dataclasses import replace
 
-    from test_training import _conversations, _fake_tokenizer
+    from test_training import tiny_train_inputs
 
-    from specbench.models import tiny_llama
     from specbench.training.fspad import main
 
-    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
-    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
-    tiny.model.save_pretrained(tmp_path / "t")
-    tiny.tokenizer.save_pretrained(tmp_path / "t")
-    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    tiny, _, _ = tiny_train_inputs(tmp_path, monkeypatch)
     out = tmp_path / "wofs"
     rc = main(["--target", str(tmp_path / "t"), "--out", str(out), "--data", str(tmp_path / "sg.json"),
                "--max-conversations", "8", "--max-tokens", "64", "--epochs", "1", "--batch-size", "4",

@@ -200,18 +200,12 @@ def test_train_command_runs_both_phases_into_one_loadable_head(tmp_path, monkeyp
     """`specbench train --method hass --phase2-epochs 1` on the tiny target: phase 1 (topk_w 0) into OUT/phase1,
     phase 2 from it into OUT; both manifests say what they trained, the head loads strictly as an EAGLE head."""
     import json
-    from dataclasses import replace
 
-    from test_training import _conversations, _fake_tokenizer
+    from test_training import tiny_train_inputs
 
-    from specbench.models import tiny_llama
     from specbench.models.draft_heads import checkpoint_sha256, load_head
 
-    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
-    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
-    tiny.model.save_pretrained(tmp_path / "t")
-    tiny.tokenizer.save_pretrained(tmp_path / "t")
-    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    tiny, _, _ = tiny_train_inputs(tmp_path, monkeypatch)
     out = tmp_path / "hass"
     rc = H.main(["--target", str(tmp_path / "t"), "--out", str(out), "--data", str(tmp_path / "sg.json"),
                  "--max-conversations", "8", "--max-tokens", "64", "--epochs", "1", "--batch-size", "4",

@@ -47,6 +47,21 @@ def _fake_tokenizer():
 WORDS = "the cat sat on a mat and then it ran far away to see the big old tree near my house".split()
 
 
+def tiny_train_inputs(tmp_path, monkeypatch):
+    """A tiny target with a tokenizer saved to tmp_path/t and 30 ShareGPT-style conversations in tmp_path/sg.json,
+    the feature cache under tmp_path: what a `specbench train` test runs on. Returns (loaded tiny, t, sg.json)."""
+    from dataclasses import replace
+
+    from specbench.models import tiny_llama
+
+    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
+    tiny = replace(tiny_llama(max_position_embeddings=256), tokenizer=_fake_tokenizer(), name="tiny")
+    tiny.model.save_pretrained(tmp_path / "t")
+    tiny.tokenizer.save_pretrained(tmp_path / "t")
+    (tmp_path / "sg.json").write_text(json.dumps(_conversations(30)))
+    return tiny, tmp_path / "t", tmp_path / "sg.json"
+
+
 def _conversations(n: int, seed: int = 0) -> list[dict]:
     import random
 

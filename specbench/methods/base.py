@@ -127,6 +127,18 @@ class Method:
         return out
 
 
+def train_command(module: str) -> Callable[[list[str]], int]:
+    """A method's train hook: `module`'s ``main(argv)``, imported when training (accelerate and datasets
+    load only then)."""
+
+    def train(argv: list[str]) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(argv))
+
+    return train
+
+
 def _coerce(value: Any, default: Any, key: str) -> Any:
     if not isinstance(value, str) or default is None or isinstance(default, str):
         return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Method
+from .base import Method, train_command
 from .head_drafters import StaticTreeDrafter, dynamic_tree_method, parse_tree, resolve_head
 
 __all__ = ["EAGLE", "EAGLE2"]
@@ -20,11 +20,7 @@ def _eagle_drafter(target, sampling, generator, checkpoint: Any = "", tree: Any 
     return StaticTreeDrafter(resolve_head("eagle", target, checkpoint), parse_tree(tree), draft_vocab=int(draft_vocab))
 
 
-def _train(argv: list[str]) -> int:
-    """`specbench train --method eagle|eagle2 ...`: both methods share one head and one trainer."""
-    from ..training.eagle import main  # accelerate/datasets only when training
-
-    return main(argv)
+_train = train_command("specbench.training.eagle")
 
 
 EAGLE = Method(

@@ -8,16 +8,13 @@ run, never loading another architecture's head in its place.
 
 from __future__ import annotations
 
+from .base import train_command
 from .head_drafters import dynamic_tree_method
 
 __all__ = ["FSPAD"]
 
 
-def _train(argv: list[str]) -> int:
-    """`specbench train --method fspad ...` (`--variant wofs|mlplin` for the ablations)."""
-    from ..training.fspad import main  # accelerate/datasets only when training
-
-    return main(argv)
+_train = train_command("specbench.training.fspad")
 
 
 FSPAD = dynamic_tree_method(

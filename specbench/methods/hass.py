@@ -6,16 +6,13 @@ never loading the EAGLE head in its place.
 
 from __future__ import annotations
 
+from .base import train_command
 from .head_drafters import dynamic_tree_method
 
 __all__ = ["HASS"]
 
 
-def _train(argv: list[str]) -> int:
-    """`specbench train --method hass ...`."""
-    from ..training.hass import main  # accelerate/datasets only when training
-
-    return main(argv)
+_train = train_command("specbench.training.hass")
 
 
 HASS = dynamic_tree_method(
