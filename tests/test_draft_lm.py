@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from specbench.models.draft_lm import layer_prefix_draft
+from specbench.models.draft_heads import CheckpointError
+from specbench.models.draft_lm import layer_prefix_draft, load_prefix_draft, save_prefix_draft
 from specbench.training import losses as L
 from specbench.training.draft_lm import DraftLMOptions, DraftLMTask, plain_batch
 
@@ -90,8 +92,11 @@ def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monke
     assert rc == 0
     man = json.loads((out / "MANIFEST.json").read_text())
     assert man["method"] == "tvd" and man["training"]["task"]["loss"] == "tvd" and man["heldout"]["tokens"] > 0
-    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
-    draft = load_model(str(out)).model
+    stored = load_file(str(out / "model.safetensors"))  # the compact format: what training changed only
+    assert stored and all(k.startswith(("model.layers.0.", "model.norm.")) for k in stored)
+    assert json.loads((out / "config.json").read_text())["specbench_prefix_draft"]["layers"] == 1
+    tiny_sha = load_model(str(tmp_path / "t")).weights_sha256
+    draft = load_prefix_draft(out, tiny.model, target="t", target_sha256=tiny_sha)
     before = layer_prefix_draft(tiny.model, 1)
     changed = {k for k, v in draft.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.startswith(("model.layers.0.", "model.norm.")) for k in changed)
@@ -104,13 +109,33 @@ def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monke
     assert rc == 0
     again = json.loads((tmp_path / "again" / "MANIFEST.json").read_text())
     assert again["trainable_parameters"] == man["trainable_parameters"]
-    emb = load_model(str(tmp_path / "again")).model.get_input_embeddings().weight
-    assert torch.equal(emb, tiny.model.get_input_embeddings().weight)
+    assert set(load_file(str(tmp_path / "again" / "model.safetensors"))) == set(stored)
 
-    target = Target(tiny.model, name="tiny")
+    target = Target(tiny.model, name="tiny", weights_sha256=tiny_sha)
     method = get_method("tvd")
     cfg = SamplingConfig()
     drafter = method.drafter(target, cfg, None, **method.params({"checkpoint": str(out)}))
     prompt = [3, 4, 5, 6, 7]
     ref = generate(target, DrafterBase(), prompt, 16, cfg, None, stop_ids=set()).tokens
     assert generate(target, drafter, prompt, 16, cfg, None, stop_ids=set()).tokens == ref
+
+
+def test_a_stored_prefix_draft_loads_strictly_over_its_own_target(target, tmp_path):
+    """The compact format round-trips exactly, and refuses another target, and weights that are not a K-layer
+    prefix's layers and norm (missing, unexpected, misshapen), naming what is wrong."""
+    lm = layer_prefix_draft(target.model, 1)
+    with torch.no_grad():
+        lm.model.norm.weight.add_(0.5)  # not the target's: the round trip must carry it
+    save_prefix_draft(lm, tmp_path, target="tiny", target_sha256="a" * 64)
+    back = load_prefix_draft(tmp_path, target.model, target="tiny", target_sha256="a" * 64)
+    for k, v in lm.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="fine-tuned from the layers of target tiny"):
+        load_prefix_draft(tmp_path, target.model, target="other", target_sha256="b" * 64)
+    good = load_file(str(tmp_path / "model.safetensors"))
+    for broken, what in [({k: v for k, v in good.items() if k != "model.norm.weight"}, "missing key.*model.norm"),
+                         ({**good, "model.layers.1.mlp.up_proj.weight": torch.zeros(2)}, "unexpected key"),
+                         ({**good, "model.norm.weight": torch.zeros(3)}, r"model.norm.weight: shape \(3,\)")]:
+        save_file(broken, str(tmp_path / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=what):
+            load_prefix_draft(tmp_path, target.model, target="tiny", target_sha256="a" * 64)

@@ -164,8 +164,18 @@ def _layer_prefix_draft(target, d: Path) -> None:
     layer_prefix_draft(target.model, 1).save_pretrained(d)
 
 
-CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint,
-                       **dict.fromkeys(("sps", "kld", "tvd", "tvdpp"), _layer_prefix_draft)}
+def _stored_prefix_draft(target, d: Path) -> None:
+    """The distilled drafters' format: the tiny target's first layer and norm (perturbed), stored compactly."""
+    from specbench.models.draft_lm import layer_prefix_draft, save_prefix_draft
+
+    lm = layer_prefix_draft(target.model, 1)
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(1.1)
+    save_prefix_draft(lm, d, target=target.name, target_sha256=target.weights_sha256)
+
+
+CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft,
+                       **dict.fromkeys(("kld", "tvd", "tvdpp"), _stored_prefix_draft)}
 # Methods whose drafter is another's with other default weights: their sampling tests run under -m slow.
 SAME_DRAFTER = {"kld": "sps", "tvd": "sps", "tvdpp": "sps"}
 

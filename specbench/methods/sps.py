@@ -8,7 +8,8 @@ the same runtime as the target (`specbench.models.target.Target`): its KV cache 
 extended by each draft token and rolled back (`Target.truncate`) to the accepted prefix after the step.
 
 Any causal LM with the target's vocabulary can draft (`--param checkpoint=PATH`, a local HF directory,
-a cached HF id or an embedded name). A draft whose tokenizer differs from the target's is refused: its
+a cached HF id or an embedded name, or a fine-tuned prefix draft of the target in specbench's compact
+format). A draft whose tokenizer differs from the target's is refused: its
 token ids would mean other strings, and the drafts would be rejected garbage.
 """
 
@@ -24,6 +25,7 @@ from ..decoding.sampling import SamplingConfig, probs, sample
 from ..decoding.tree import Proposal
 from ..errors import UsageError
 from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError
+from ..models.draft_lm import is_prefix_draft
 from .base import DrafterBase, Method
 from .draft_vocab import DraftVocab
 
@@ -144,6 +146,8 @@ def _load_draft(method: str, target, spec: str):
     if spec not in per_target:
         if spec.startswith(PREFIX):
             draft = _prefix_draft(target, spec)
+        elif is_prefix_draft(spec):
+            draft = _stored_prefix_draft(target, spec)
         else:
             draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
             check_same_vocabulary(target, draft)
@@ -168,6 +172,17 @@ def _prefix_draft(target, spec: str):
         raise CheckpointError(f"checkpoint={spec}: {PREFIX}K needs an integer K in 1..{n} ({e})") from None
     ident = f"{target.weights_sha256 or target.name}:{PREFIX}{k}"  # what results files record as the draft
     return Target(lm, getattr(target, "tokenizer", None), name=f"{target.name}:{PREFIX}{k}", weights_sha256=ident)
+
+
+def _stored_prefix_draft(target, path: str):
+    """A fine-tuned prefix draft (`specbench.models.draft_lm`'s compact format) over the target's embedding
+    and LM head."""
+    from ..models.draft_heads import checkpoint_sha256
+    from ..models.draft_lm import load_prefix_draft
+    from ..models.target import Target
+
+    lm = load_prefix_draft(path, target.model, target=target.name, target_sha256=target.weights_sha256)
+    return Target(lm, getattr(target, "tokenizer", None), name=path, weights_sha256=checkpoint_sha256(path))
 
 
 def draft_model_method(name: str, description: str, train=None) -> Method:
@@ -195,7 +210,8 @@ def _ranking(draft, target) -> Path | None:
             if dc is not None and dc.target == target.name and (CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE).is_file():
                 return CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE
         return None
-    path = str(getattr(getattr(draft, "model", None), "name_or_path", "") or "")
+    path = str(draft.name) if is_prefix_draft(draft.name) else str(getattr(getattr(draft, "model", None),
+                                                                            "name_or_path", "") or "")
     own = Path(path) / DRAFT_VOCAB_FILE
     return own if path and own.is_file() else None
 

@@ -42,10 +42,12 @@ __all__ = [
     "head_architectures",
     "load_head",
     "read_checkpoint_config",
+    "read_weights",
     "register_head",
     "save_head",
     "target_name",
     "target_parts",
+    "weights_file",
 ]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -172,7 +174,7 @@ def target_parts(target) -> tuple[Any, nn.Embedding, nn.Linear, Any]:
 # ------------------------------------------------------------------ files
 
 
-def _weights_file(d: Path) -> Path:
+def weights_file(d: Path) -> Path:
     for name in WEIGHT_FILES:
         if (d / name).is_file():
             return d / name
@@ -197,7 +199,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def _read_weights(f: Path) -> dict[str, torch.Tensor]:
+def read_weights(f: Path) -> dict[str, torch.Tensor]:
     try:
         if f.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -214,7 +216,7 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """sha256 of the checkpoint's weight file (what results files record as the draft hash)."""
-    return sha256_file(_weights_file(Path(path)))
+    return sha256_file(weights_file(Path(path)))
 
 
 def _what_to_do(target_name: str) -> str:
@@ -250,8 +252,8 @@ def load_head(path: str | os.PathLike, target, arch: str | None = None) -> Loade
     spec = head_arch(name)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in spec.build(_MetaTarget(target), cfg).trainable_state_dict().items()}
-    wfile = _weights_file(d)
-    sd = _read_weights(wfile)
+    wfile = weights_file(d)
+    sd = read_weights(wfile)
     for key, ref in spec.copies.items():
         if key in sd:
             _check_copy(key, sd.pop(key), ref(target), wfile, tname)

@@ -5,15 +5,30 @@ decoder layers under its own final norm and LM head (`layer_prefix_draft`): a ca
 architecture and vocabulary that predicts the next token from a shallow view of the context. This stands
 in for the TVD++ paper's phase 1 (pretraining a 115M model on 600B tokens), which no budget here affords;
 the distillation phase then fine-tunes it towards the target (`specbench.training.draft_lm`).
+
+A fine-tuned prefix draft is stored as what training changed and nothing else (`save_prefix_draft`):
+config.json names the format, the layer count and the target (by weights sha256), model.safetensors holds
+the kept decoder layers and the final norm. The embedding and LM head are the target's, so the directory
+is a fraction of a full causal LM and loads only over the target it was made from (`load_prefix_draft`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
 
 import torch
 
-__all__ = ["layer_prefix_draft"]
+from ..artifacts import atomic_path, write_text
+from .draft_heads import CheckpointError, read_checkpoint_config, read_weights, weights_file
+
+__all__ = ["PREFIX_DRAFT_KEY", "TRAINED", "is_prefix_draft", "layer_prefix_draft", "load_prefix_draft",
+           "prefix_draft_state", "save_prefix_draft"]
+
+PREFIX_DRAFT_KEY = "specbench_prefix_draft"  # config.json key of the compact format
+TRAINED = ("model.layers.", "model.norm.")  # a prefix draft's own weights; the embedding and LM head are the target's
 
 
 @torch.no_grad()
@@ -37,3 +52,67 @@ def layer_prefix_draft(model, layers: int):
     if getattr(draft.config, "tie_word_embeddings", False):
         draft.tie_weights()
     return draft.eval()
+
+
+def prefix_draft_state(lm) -> dict[str, torch.Tensor]:
+    """The weights of prefix draft `lm` (an HF causal LM) that are its own: decoder layers and final norm."""
+    return {k: v for k, v in lm.state_dict().items() if k.startswith(TRAINED)}
+
+
+def is_prefix_draft(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory in the compact prefix-draft format."""
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and PREFIX_DRAFT_KEY in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def save_prefix_draft(lm, path: str | os.PathLike, *, target: str, target_sha256: str) -> None:
+    """Write prefix draft `lm` to `path`: config.json (format, layers, target) + model.safetensors (its own
+    weights, float32), atomically."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in prefix_draft_state(lm).items()}
+    with atomic_path(d / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    cfg = {PREFIX_DRAFT_KEY: {"layers": int(lm.config.num_hidden_layers), "target": target,
+                              "target_sha256": target_sha256,
+                              "holds": "decoder layers and final norm; the embedding and LM head are the target's"}}
+    write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_prefix_draft(path: str | os.PathLike, model, *, target: str, target_sha256: str):
+    """The prefix draft stored at `path`, over target `model` (an HF causal LM with weights sha256
+    `target_sha256`), strictly: the target must be the one it was made from, and the weights must be
+    exactly a `layers`-layer prefix's decoder layers and final norm (names and shapes)."""
+    d = Path(path)
+    meta = read_checkpoint_config(d).get(PREFIX_DRAFT_KEY)
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), int):
+        raise CheckpointError(f"{d}/config.json: {PREFIX_DRAFT_KEY} must be an object with an integer 'layers'")
+    made_for = meta.get("target_sha256")
+    if made_for != target_sha256:
+        raise CheckpointError(f"draft {d} was fine-tuned from the layers of target {meta.get('target')} (weights "
+                              f"sha256 {str(made_for)[:16]}...), not of {target} ({target_sha256[:16]}...): it "
+                              "holds no embedding or LM head of its own; run it over that target")
+    try:
+        lm = layer_prefix_draft(model, meta["layers"])
+    except ValueError as e:
+        raise CheckpointError(f"draft {d}: {e}") from None
+    wfile = weights_file(d)
+    sd = read_weights(wfile)
+    own = prefix_draft_state(lm)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        parts = [f"missing key(s): {', '.join(missing)}"] if missing else []
+        parts += [f"unexpected key(s): {', '.join(unexpected)}"] if unexpected else []
+        parts += [f"{k}: shape {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(bad)]
+        raise CheckpointError(f"{wfile} is not a {meta['layers']}-layer prefix draft of {target}: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, v in lm.state_dict().items():
+            if k in sd:
+                v.copy_(sd[k].to(v.dtype))
+    return lm

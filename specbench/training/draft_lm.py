@@ -16,8 +16,9 @@ reply's) by `--loss`:
 * ``tvdpp``: the same with the normalised advantage, its mean and std by `--tvdpp-stats`
   (``specbench.training.losses``, where the derivation is written out).
 
-The exported checkpoint is a Hugging Face causal-LM directory (``save_pretrained``, with the target's
-tokenizer): any tool loads it, and ``sps`` drafts with it (``--param checkpoint=DIR``).
+The exported checkpoint is the compact prefix-draft format (`specbench.models.draft_lm.save_prefix_draft`):
+the fine-tuned layers and norm, loading over the target it was made from; ``sps`` drafts with it
+(``--param checkpoint=DIR``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.draft_lm import TRAINED, prefix_draft_state
 from .losses import TVDPP_STATS, kld_loss, tvd, tvd_loss, tvdpp_loss
 from .tasks import Task, TaskOptions, frozen_lm_head_fn
 
 __all__ = ["DraftLM", "DraftLMOptions", "DraftLMTask", "LOSSES", "main"]
 
 LOSSES = ("tvdpp", "tvd", "kld")
-TRAINED = ("model.layers.", "model.norm.")  # the draft's own weights; the embedding and LM head are the target's
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DraftLM(nn.Module):
         return self.lm.get_output_embeddings()(hidden)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.removeprefix("lm.").startswith(TRAINED)}
+        return {f"lm.{k}": v for k, v in prefix_draft_state(self.lm).items()}  # this module's key names
 
 
 def plain_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -90,8 +91,6 @@ class DraftLMTask(Task):
     opts: DraftLMOptions
     heldout_what = ("top-1 agreement of the draft's next-token prediction with the target's argmax, teacher-forced "
                     "on the true tokens")
-
-    ships_tokenizer = True
 
     def __init__(self, opts: DraftLMOptions | None = None, seed: int = 0):
         super().__init__(opts, seed)
@@ -137,26 +136,22 @@ class DraftLMTask(Task):
                 "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",
                 "init": f"the target's first {self.opts.layers} decoder layers, final norm and LM head"}
 
-    # -- the exported checkpoint: a Hugging Face causal LM
+    # -- the exported checkpoint: the compact prefix-draft format (trained layers and norm only)
     def export(self, head, out: Path) -> None:
-        head.lm.save_pretrained(out, safe_serialization=True)
+        from ..models.draft_lm import save_prefix_draft
+
+        save_prefix_draft(head.lm, out, target=self.target[0], target_sha256=self.target[1])
 
     def load(self, out: Path, model) -> DraftLM:
-        from ..models.draft_heads import CheckpointError
-        from ..models.loading import load_model
+        from ..models.draft_lm import load_prefix_draft
 
-        lm = load_model(str(out), dtype="float32", device=next(model.parameters()).device).model
-        v_draft, v_target = lm.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
-        if v_draft != v_target:
-            raise CheckpointError(f"{out} scores {v_draft} token ids, the target {v_target}")
-        return DraftLM(lm)
-
-    def exported_state(self, head) -> dict[str, torch.Tensor]:
-        return head.trainable_state_dict()
+        lm = load_prefix_draft(out, model, target=self.target[0], target_sha256=self.target[1])
+        return DraftLM(lm.float())
 
     def format(self) -> str:
-        return ("Hugging Face causal LM (config.json + model.safetensors; draft with sps --param checkpoint=DIR), "
-                f"the target's first {self.opts.layers} layers fine-tuned")
+        return (f"specbench prefix draft (config.json + model.safetensors: the target's first {self.opts.layers} "
+                "decoder layers and final norm, fine-tuned; embedding and LM head are the target's; draft with "
+                "sps --param checkpoint=DIR)")
 
     @torch.no_grad()
     def heldout(self, exported, model, tokenizer, conversations, max_tokens: int) -> dict:

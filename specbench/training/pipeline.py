@@ -111,6 +111,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
         work_dir = cache_dir() / "train" / f"{task.name}-{wkey}"
     log.info(f"trainer state and loss log in {work_dir}")
 
+    task.target = (loaded.name, loaded.weights_sha256)
     head = task.make_head(model, cache, seed)
     if init_from is not None:
         src = task.load(init_from, model)  # strict: keys, shapes, hidden and vocab sizes
@@ -127,8 +128,6 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
 
     out.mkdir(parents=True, exist_ok=True)
     task.export(head, out)
-    if task.ships_tokenizer and loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out)  # a standalone draft: the target's tokenizer travels with it
     wsha = sha256_file(out / "model.safetensors")
     dv = write_draft_vocab(out, cache, int(model.get_output_embeddings().weight.shape[0]))
 

@@ -60,6 +60,9 @@ class Task(abc.ABC):
     def __init__(self, opts: TaskOptions | None = None, seed: int = 0):
         self.opts = opts if opts is not None else self.Options()
         self.generator: torch.Generator | None = None
+        # The target trained for, (name, weights sha256): set by the pipeline before make_head, for a
+        # checkpoint that names what it was made from (a draft LM reusing the target's embedding).
+        self.target: tuple[str, str] = ("", "")
 
     @abc.abstractmethod
     def make_head(self, model, data=None, seed: int = 0) -> torch.nn.Module:
@@ -85,7 +88,6 @@ class Task(abc.ABC):
         return [Phase(self.opts)]
 
     # -- the exported checkpoint (a draft head of the registry's architecture `arch` by default)
-    ships_tokenizer: ClassVar[bool] = False  # export the target's tokenizer with the checkpoint
     heldout_what: ClassVar[str] = ("top-1 agreement of the head's next-token prediction with the target's argmax "
                                    "at t+1, teacher-forced on the target's features")
 
