@@ -139,3 +139,16 @@ def test_a_stored_prefix_draft_loads_strictly_over_its_own_target(target, tmp_pa
         save_file(broken, str(tmp_path / "model.safetensors"))
         with pytest.raises(CheckpointError, match=what):
             load_prefix_draft(tmp_path, target.model, target="tiny", target_sha256="a" * 64)
+
+
+def test_each_distilled_method_defaults_to_its_own_loss():
+    """kld, tvd and tvdpp share one task: each one's command line (and its --help) defaults to its loss."""
+    from specbench.training.draft_lm import LOSSES
+    from specbench.training.pipeline import parser
+
+    for loss in LOSSES:
+        p = parser(DraftLMTask, loss, {"loss": loss})
+        assert p.parse_args(["--out", "x"]).loss == loss
+        assert p.prog == f"specbench train --method {loss}" and f"(default {loss})" in " ".join(p.format_help().split())
+    with pytest.raises(ValueError, match="no option"):
+        parser(DraftLMTask, "kld", {"los": "kld"})

@@ -221,8 +221,7 @@ def _train_with(loss: str):
         """`specbench train --method M ...`: the draft-LM distillation, with M's loss unless --loss says."""
         from ..training.draft_lm import main  # accelerate/datasets only when training
 
-        given = any(a == "--loss" or a.startswith("--loss=") for a in argv)
-        return main(argv if given else ["--loss", loss, *argv])
+        return main(argv, loss)
 
     return train
 

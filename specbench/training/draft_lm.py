@@ -175,11 +175,12 @@ class DraftLMTask(Task):
         return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m specbench.training.draft_lm ...``: the same as ``specbench train --method tvdpp``."""
+def main(argv: list[str] | None = None, loss: str = "tvdpp") -> int:
+    """``python -m specbench.training.draft_lm ...``: the same as ``specbench train --method tvdpp``; `loss`: the
+    method (kld, tvd, tvdpp) whose drafter is trained, and the default of ``--loss``."""
     from .pipeline import main as pipeline_main
 
-    return pipeline_main(DraftLMTask, argv)
+    return pipeline_main(DraftLMTask, argv, method=loss, defaults={"loss": loss})
 
 
 if __name__ == "__main__":

@@ -179,9 +179,12 @@ def distill_options(settings: list[tuple[float, float]], max_new_tokens: int, ba
     return {k: v for k, v in given.items() if v != defaults[k]}
 
 
-def parser(task_cls: type[Task]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"specbench train --method {task_cls.name}",
-                                description=f"Train a {task_cls.arch} draft head for the {task_cls.name} method: "
+def parser(task_cls: type[Task], method: str | None = None, defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The command line of `task_cls`'s training, as method `method` (default: the task's name) runs it, with
+    the task options' `defaults` replaced (a method sharing a task with another: kld, tvd and tvdpp)."""
+    method = method or task_cls.name
+    p = argparse.ArgumentParser(prog=f"specbench train --method {method}",
+                                description=f"Train a {task_cls.arch} draft head for the {method} method: "
                                 + train.__doc__.splitlines()[0])
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--out", type=Path, required=True)
@@ -207,15 +210,16 @@ def parser(task_cls: type[Task]) -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, help="also append the log to this file")
     p.add_argument("--init-from", type=Path, help=f"{task_cls.arch} checkpoint to start from (a second phase)")
     p.add_argument("--no-progress", action="store_true")
-    add_options(p, task_cls.Options)
+    add_options(p, task_cls.Options, defaults)
     return p
 
 
-def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
-    """``specbench train --method M ...`` for the method whose task is `task_cls`."""
+def main(task_cls: type[Task], argv: list[str] | None = None, *, method: str | None = None,
+         defaults: dict | None = None) -> int:
+    """``specbench train --method M ...`` for the method whose task is `task_cls` (see `parser`)."""
     from accelerate import PartialState
 
-    p = parser(task_cls)
+    p = parser(task_cls, method, defaults)
     a = p.parse_args(argv)
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
@@ -235,7 +239,7 @@ def main(task_cls: type[Task], argv: list[str] | None = None) -> int:
         if a.distill_max_new < 1 or a.distill_batch_size < 1:
             p.error("--distill-max-new and --distill-batch-size must be >= 1")
         distill = distill_options(settings, a.distill_max_new, a.distill_batch_size, a.seed)
-    cmd = (f"specbench train --method {task_cls.name} "
+    cmd = (f"specbench train --method {method or task_cls.name} "
            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
     configure(timestamps=True, level=logging.INFO if PartialState().is_main_process else logging.WARNING)

@@ -188,12 +188,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, options: type[TaskOptions]) -> None:
+def add_options(parser: argparse.ArgumentParser, options: type[TaskOptions], defaults: dict | None = None) -> None:
     """One option per field of `options`: ``--field-name``, typed by the field's ``metadata["parse"]`` or its
-    default's type (a bool field is a switch to the opposite of its default), with its help."""
+    default's type (a bool field is a switch to the opposite of its default), with its help; `defaults`
+    overrides fields' defaults (a method that shares another's task with other settings)."""
     group = parser.add_argument_group(f"{options.__name__} (the method's training options)")
+    names = {f.name for f in dataclasses.fields(options)}
+    if set(defaults or {}) - names:
+        raise ValueError(f"no option(s) {sorted(set(defaults or {}) - names)} in {options.__name__}")
     for f in dataclasses.fields(options):
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         help_ = f.metadata.get("help", "") + f" (default {default})"
         if isinstance(default, bool):
             group.add_argument(_flag(f.name) if not default else _flag("no_" + f.name), dest=f.name,
