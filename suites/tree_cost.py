@@ -7,8 +7,9 @@ drafts), so its speedup is bounded by tau / (cost(n) / cost(1)) minus the draft 
 GPU cost(n) stays near cost(1) up to dozens of tokens; on a CPU it does not, and this curve is
 what bounds the speedups measured here.  For each n, after a prefill of `--context` tokens,
 one `Target.forward_tree` over a chain of n tokens (causal, no mask) and over a star of n
-tokens (root + n-1 siblings, a 4D tree mask) is timed `--reps` times in this process,
-interleaved with the n = 1 forward; the file records medians and the ratio to n = 1.
+tokens (root + n-1 siblings, a 4D tree mask) is timed `--reps` times in this process on each of
+`--runtimes` (hf and fast), interleaved with each other and with the n = 1 forward; the file records
+medians, the ratio to n = 1 and each runtime's speed against the first.
 With `--threads 1` the clock is this thread's CPU time (robust to other processes' load),
 otherwise wall time.
 """
@@ -36,13 +37,15 @@ def chain(n: int) -> Proposal:
     return Proposal(list(range(500, 500 + n - 1)), list(range(n - 1)))
 
 
-def forward_timer(model: str, threads: int, context: int) -> tuple[Target, Callable[[Proposal], float]]:
-    """(target, once): once(proposal) prefills `context` fixed random tokens and times one tree forward.
+def forward_timer(model: str, threads: int, context: int, runtime: str = "hf",
+                  loaded=None) -> tuple[Target, Callable[[Proposal], float]]:
+    """(target, once): once(proposal) prefills `context` fixed random tokens and times one tree forward on
+    `runtime` (`loaded`: the model already loaded, shared by several runtimes).
 
     The clock is this thread's CPU time with one thread (robust to other processes), else wall time.
     """
     torch.set_num_threads(threads)
-    target = Target.from_loaded(load_model(model, dtype="float32", device="cpu"))
+    target = Target.from_loaded(loaded or load_model(model, dtype="float32", device="cpu"), runtime=runtime)
     clock = time.thread_time if threads == 1 else time.perf_counter
     prompt = [int(t) for t in torch.randint(100, target.vocab_size - 1, (context + 1,),
                                             generator=torch.Generator().manual_seed(0))]
@@ -64,23 +67,32 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=300, help="tokens in the KV cache before the forward")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--runtimes", default="hf,fast", help="the target runtimes timed, interleaved (the first is the "
+                    "reference of `vs_first`)")
     ap.add_argument("--out", default="results/studies/tree_cost_cpu.json")
     args = ap.parse_args(argv)
 
-    target, once = forward_timer(args.model, args.threads, args.context)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    timers = {rt: forward_timer(args.model, args.threads, args.context, rt, loaded) for rt in runtimes}
+    target = timers[runtimes[0]][0]
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {1})
     shapes = {"chain": chain, "star": lambda n: Proposal(list(range(500, 500 + n - 1)), [0] * (n - 1))}
-    for _ in range(3):  # warm-up
-        once(chain(4))
-    times = {(s, n): [] for s in shapes for n in sizes}
-    for _ in range(args.reps):  # interleaved, so drift in machine load hits every size alike
+    for _, once in timers.values():  # warm-up
+        for _ in range(3):
+            once(chain(4))
+    times = {(rt, s, n): [] for rt in runtimes for s in shapes for n in sizes}
+    for _ in range(args.reps):  # interleaved, so drift in machine load hits every size and runtime alike
         for n in sizes:
             for s, make in shapes.items():
-                times[(s, n)].append(once(make(n)))
-    base = statistics.median(times[("chain", 1)] + times[("star", 1)])
-    rows = [{"n": n, "shape": s, "ms_median": round(1000 * statistics.median(times[(s, n)]), 2),
-             "ratio_to_n1": round(statistics.median(times[(s, n)]) / base, 3)}
-            for n in sizes for s in shapes if not (n == 1 and s == "star")]
+                for rt, (_, once) in timers.items():
+                    times[(rt, s, n)].append(once(make(n)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = {rt: statistics.median(times[(rt, "chain", 1)] + times[(rt, "star", 1)]) for rt in runtimes}
+    rows = [{"runtime": rt, "n": n, "shape": s, "ms_median": round(1000 * med[(rt, s, n)], 2),
+             "ratio_to_n1": round(med[(rt, s, n)] / base[rt], 3),
+             "vs_first": round(med[(runtimes[0], s, n)] / med[(rt, s, n)], 3)}
+            for rt in runtimes for n in sizes for s in shapes if not (n == 1 and s == "star")]
     result = {
         "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens after a KV-cached context, relative to n = 1 (median over reps)",
@@ -88,11 +100,16 @@ def main(argv=None) -> int:
         "command": "python suites/tree_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": target.name, "weights_sha256": target.weights_sha256, "dtype": "float32", "device": "cpu",
         "clock": "thread CPU time" if args.threads == 1 else "wall time", "loadavg_1min": os.getloadavg()[0],
-        "context": args.context, "reps": args.reps, "rows": rows,
+        "context": args.context, "reps": args.reps, "runtimes": runtimes,
+        "definitions": {"ratio_to_n1": "median ms at n / median ms at n = 1, same runtime",
+                        "vs_first": f"median ms of runtime {runtimes[0]} / this runtime's, same n and shape "
+                                    "(> 1: this runtime is faster)"},
+        "rows": rows,
     }
     write_json(args.out, result)
     for r in rows:
-        print(f"n={r['n']:>3} {r['shape']:<5} {r['ms_median']:8.1f} ms  x{r['ratio_to_n1']:.2f}")
+        print(f"{r['runtime']:<5} n={r['n']:>3} {r['shape']:<5} {r['ms_median']:8.1f} ms  x{r['ratio_to_n1']:.2f}"
+              f"  {r['vs_first']:.2f}x vs {runtimes[0]}")
     return 0
 
 

@@ -267,6 +267,30 @@ EAGLE_CPU10 = {"checkpoint": "", "tree": "cpu_10", "draft_vocab": 0}  # 10 draft
 EAGLE2_AT = {"checkpoint": "", "depth": 2, "top_k": 10, "draft_vocab": 0}
 
 
+def test_speed_is_judged_only_between_runs_of_one_runtime():
+    """A reference measured on the hf runtime says nothing of a fast-runtime run's speed (tau it does); a file
+    written before there was a choice counts as hf."""
+    ref_doc, run_doc = make_doc(step=2), make_doc(step=2)
+    ref_doc["config"]["runtime"], run_doc["config"]["runtime"] = "hf", "fast"
+    cells = _cells(run_doc, [_ref_cell(ref_doc)])
+    assert cells["tau"].verdict == "pass"
+    for metric in ("speedup", "tokens_per_s"):
+        assert cells[metric].verdict == "not comparable"
+        assert cells[metric].reason == "other runtime (hf in the reference, fast here)"
+    legacy = _ref_cell(make_doc(step=2))  # no config.runtime: hf
+    assert legacy["runtime"] == "hf" and "not gated" in _cells(ref_doc, [legacy])["speedup"].reason
+
+
+def test_a_claim_between_runs_of_two_runtimes_is_not_checked(tmp_path, capsys):
+    d = _claim_dir(tmp_path, EAGLE_CPU10, dict(EAGLE2_AT, total_tokens=11))
+    doc = json.loads((d / "eagle2.json").read_text())
+    doc["config"]["runtime"] = "fast"
+    write(d / "eagle2.json", doc)
+    rc, out, err = run_cli([str(d), "--baseline", str(CLAIMS_FILE)], capsys)
+    assert rc == 0, err
+    assert "VIOLATED" not in out and "other runtimes (fast vs hf)" in " ".join(out.split())
+
+
 def _claim_dir(tmp_path, eagle_params, eagle2_params, eagle2_tokens=24) -> Path:
     d = tmp_path / "claims"
     d.mkdir(exist_ok=True)

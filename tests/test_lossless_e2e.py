@@ -32,7 +32,7 @@ from specbench.decoding import Proposal, SamplingConfig, Tree, generate, make_ge
 from specbench.decoding.numerics import classify_divergence
 from specbench.methods import DrafterBase, available_methods, get_method
 from specbench.models.draft_heads import save_head
-from specbench.models.target import Target
+from specbench.models.target import RUNTIMES, Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,9 +45,18 @@ MUTANT_GENERATIONS = 600  # enough for the gross faults of the end-to-end mutati
 
 # --------------------------------------------------------------------------- model
 
+@pytest.fixture(scope="module", params=RUNTIMES)
+def target(request):
+    """The tiny random Llama target of `helpers.tiny_target` on each runtime (`specbench.models.target.RUNTIMES`):
+    every test of this module runs on both, the hf runtime's being the reference the fast one must match."""
+    from helpers import tiny_target
+
+    return Target(tiny_target().model, name="tiny", runtime=request.param)
+
+
 @pytest.fixture(scope="module")
 def model(target):
-    """The conftest `target`'s model (vocab VOCAB)."""
+    """The target's model (vocab VOCAB)."""
     return target.model
 
 
@@ -583,10 +592,11 @@ def _tree_for_test(g: torch.Generator, n: int = 9) -> Tree:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", ["tree", "chain"])
-def test_forward_tree_matches_sequential_and_commit(shape, device, model):
+def test_forward_tree_matches_sequential_and_commit(shape, device, model, target):
+    runtime = target.runtime_name if device == "cpu" else "hf"  # the fast runtime is CPU-only
     model = model.to(device)
     try:
-        target = Target(model, name="tiny")
+        target = Target(model, name="tiny", runtime=runtime)
         g = torch.Generator().manual_seed(3)
         context = _random_tokens(g, 7)
         tree = _tree_for_test(g) if shape == "tree" else Tree(_random_tokens(g, 1)[0],
@@ -607,7 +617,7 @@ def test_forward_tree_matches_sequential_and_commit(shape, device, model):
         assert shape == "chain" or path != list(range(1, len(path) + 1))
         target.commit([0, *path])
         kept = context + [tree.tokens[0]] + [tree.tokens[i] for i in path]
-        ref_target = Target(model, name="ref")
+        ref_target = Target(model, name="ref", runtime=runtime)
         ref_target.prefill(kept)
         assert target.length == ref_target.length == len(kept)
         for layer, ref_layer in zip(target.cache.layers, ref_target.cache.layers):

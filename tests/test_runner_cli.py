@@ -246,6 +246,20 @@ def test_model_dependent_settings_are_checked_after_the_load(runner, tmp_path):
         runner.run(_cfg(limit=1), out=out, progress=False)
 
 
+def test_the_runtime_is_recorded_and_a_resume_on_another_is_refused(tmp_path):
+    """Vanilla and the method run on one runtime, which the file records; resuming it on the other runtime would
+    mix two runtimes' timings in one file, so it is refused."""
+    loaded = tiny_llama(seed=3)
+    loaded.tokenizer = ToyTokenizer(64)
+    out = tmp_path / "r.json"
+    fast = Runner(loaded=loaded)  # auto: fast for a Llama on CPU
+    assert fast.target.runtime_name == "fast"
+    fast.run(_cfg(limit=1), out=out, progress=False)
+    assert json.loads(out.read_text())["config"]["runtime"] == "fast"
+    with pytest.raises(UsageError, match=r"runtime: file 'fast'"):
+        Runner(loaded=loaded, runtime="hf").run(_cfg(limit=2), out=out, progress=False)
+
+
 def test_second_turn_that_could_overflow_the_context_is_refused_before_decoding(tmp_path, monkeypatch):
     import specbench.bench.runner as runner_mod
 

@@ -45,6 +45,7 @@ class RunConfig:
     dtype: str = "auto"
     device: str = "auto"
     hf_generate: bool = False
+    runtime: str = "auto"  # the target's decoder runtime (specbench.models.target.RUNTIMES, or auto)
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -64,7 +65,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 # Config keys that depend on the loaded model or drafter; every other key is known before loading.
-_MODEL_KEYS = ("target", "dtype", "device", "draft_checkpoint_sha256", "draft_vocab_sha256")
+_MODEL_KEYS = ("target", "dtype", "device", "runtime", "draft_checkpoint_sha256", "draft_vocab_sha256")
 _UNCHECKED_KEYS = ("prompt_ids", "limit")  # a resumed run may extend the prompt list
 _SPELLING_KEYS = ("dataset_file.path",)  # how the file was named; its sha256 is what must match
 
@@ -160,7 +161,8 @@ def default_out(plan: Plan) -> Path:
     cfg = plan.cfg
     # The settings a resume checks (the path's spelling is not one), plus what only the load would show.
     settings = {k: v for k, v in _flat(plan.settings).items() if k not in _SPELLING_KEYS and k != "prompt_ids"}
-    identity = {"settings": settings, "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device}
+    identity = {"settings": settings, "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device,
+                "runtime": cfg.runtime}
     digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())[:6]
     dataset = plan.settings["dataset"].replace("/", "_")
     n = cfg.limit if cfg.limit is not None else "all"
@@ -170,12 +172,13 @@ def default_out(plan: Plan) -> Path:
 class Runner:
     """Holds the loaded target so several runs (e.g. a benchmark suite) share one load."""
 
-    def __init__(self, target_spec: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", loaded=None):
+    def __init__(self, target_spec: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", loaded=None,
+                 runtime: str = "auto"):
         from ..models import load_model
         from ..models.target import Target
 
         self.loaded = loaded or load_model(target_spec, dtype=dtype, device=device)
-        self.target = Target.from_loaded(self.loaded)
+        self.target = Target.from_loaded(self.loaded, runtime=runtime)
 
     def run(self, cfg: RunConfig, out: Path | None = None, resume: bool = True, progress: bool = True,
             plan: Plan | None = None) -> dict:
@@ -266,6 +269,7 @@ class Runner:
             "target": {"name": self.loaded.name, "weights_sha256": self.loaded.weights_sha256,
                        "source": self.loaded.source},
             "dtype": str(self.target.dtype).removeprefix("torch."), "device": str(self.target.device),
+            "runtime": self.target.runtime_name,  # vanilla and the method alike: one runtime per run
         })
         return config
 

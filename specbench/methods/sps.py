@@ -149,7 +149,8 @@ def _load_draft(method: str, target, spec: str):
         elif is_prefix_draft(spec):
             draft = _stored_prefix_draft(target, spec)
         else:
-            draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device))
+            draft = Target.from_loaded(load_model(spec, dtype=target.dtype, device=target.device),
+                                       runtime=_draft_runtime(target))
             check_same_vocabulary(target, draft)
         per_target.clear()
         per_target[spec] = draft
@@ -171,7 +172,8 @@ def _prefix_draft(target, spec: str):
         n = target.config.num_hidden_layers
         raise CheckpointError(f"checkpoint={spec}: {PREFIX}K needs an integer K in 1..{n} ({e})") from None
     ident = f"{target.weights_sha256 or target.name}:{PREFIX}{k}"  # what results files record as the draft
-    return Target(lm, getattr(target, "tokenizer", None), name=f"{target.name}:{PREFIX}{k}", weights_sha256=ident)
+    return Target(lm, getattr(target, "tokenizer", None), name=f"{target.name}:{PREFIX}{k}", weights_sha256=ident,
+                  runtime=_draft_runtime(target))
 
 
 def _stored_prefix_draft(target, path: str):
@@ -182,7 +184,13 @@ def _stored_prefix_draft(target, path: str):
     from ..models.target import Target
 
     lm = load_prefix_draft(path, target.model, target=target.name, target_sha256=target.weights_sha256)
-    return Target(lm, getattr(target, "tokenizer", None), name=path, weights_sha256=checkpoint_sha256(path))
+    return Target(lm, getattr(target, "tokenizer", None), name=path, weights_sha256=checkpoint_sha256(path),
+                  runtime=_draft_runtime(target))
+
+
+def _draft_runtime(target) -> str:
+    """The draft runs on the target's runtime where it can: fast if the target is (and the draft supported)."""
+    return "auto" if getattr(target, "runtime_name", "hf") == "fast" else "hf"
 
 
 def draft_model_method(name: str, description: str, train=None) -> Method:

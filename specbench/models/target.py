@@ -142,8 +142,17 @@ class StepOutput:
     extra_hidden: torch.Tensor | None = None
 
 
+RUNTIMES = ("hf", "fast")
+
+
 class Target:
-    def __init__(self, model, tokenizer=None, *, name: str = "", weights_sha256: str = ""):
+    """`runtime`: ``hf`` (transformers' decoder forward, the reference), ``fast``
+    (`specbench.models.fast_runtime`, refused with the reason where unsupported) or ``auto`` (fast where
+    supported, else hf); the one chosen is `runtime_name`, which results files record. The fast runtime
+    keeps its own (transposed, packed) copies of the weights, taken here: a model changed afterwards needs a
+    new Target."""
+
+    def __init__(self, model, tokenizer=None, *, name: str = "", weights_sha256: str = "", runtime: str = "hf"):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -160,10 +169,22 @@ class Target:
         self.vocab_size = int(self.head.weight.shape[0])
         self.cache: DynamicCache | None = None
         self.length = 0  # tokens committed to the KV cache
+        self.runtime_name = _choose_runtime(runtime, model, self.window)
+        self._fast = self._logits = None
+        if self.runtime_name == "fast":
+            from .fast_runtime import FastDecoder, FastLinear
+
+            self._fast = FastDecoder(model)
+            self._logits = FastLinear(self.head.weight, getattr(self.head, "bias", None))
 
     @classmethod
-    def from_loaded(cls, loaded) -> Target:
-        return cls(loaded.model, loaded.tokenizer, name=loaded.name, weights_sha256=loaded.weights_sha256)
+    def from_loaded(cls, loaded, runtime: str = "hf") -> Target:
+        return cls(loaded.model, loaded.tokenizer, name=loaded.name, weights_sha256=loaded.weights_sha256,
+                   runtime=runtime)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 LM-head logits of last hidden states `hidden` (n, H)."""
+        return (self._logits(hidden) if self._logits is not None else self.head(hidden)).float()
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -178,6 +199,8 @@ class Target:
                 f"({self.max_length} tokens); use a shorter prompt or a smaller --max-new-tokens")
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self._fast is not None:
+            return self._fast.forward(ids, positions, mask, self.cache)
         out = self.body(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                         **cache_kwargs(self.body, self.cache))
         return out.last_hidden_state[0]
@@ -205,7 +228,7 @@ class Target:
         mask = None if self.window is None else self._mask(torch.ones(n, n, dtype=torch.bool).tril(), positions)
         hidden = self._run(torch.tensor(ids, device=self.device), positions.to(self.device), mask)
         self.length += n
-        last = self.head(hidden[-1:]).float() if logits else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
+        last = self.logits(hidden[-1:]) if logits else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
         return StepOutput(last, hidden)
 
     def truncate(self, length: int) -> None:
@@ -252,7 +275,7 @@ class Target:
         # then the window is ours alone, never transformers' sliding mask sized against our BufferLayers.
         mask = None if tree.is_chain and not m and self.window is None else self._tree_mask(tree, prop)
         hidden = self._run(ids, self.length + offsets, mask)
-        logits = self.head(hidden).float()
+        logits = self.logits(hidden)
         if m:
             return StepOutput(logits[:n], hidden[:n], logits[n:], hidden[n:])
         return StepOutput(logits, hidden)
@@ -265,3 +288,18 @@ class Target:
         for layer in self.cache.layers:
             layer.keep(self.length, idx, len(nodes))
         self.length += len(nodes)
+
+
+def _choose_runtime(runtime: str, model, window: int | None) -> str:
+    if runtime not in (*RUNTIMES, "auto"):
+        raise ModelError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)} or auto")
+    if runtime == "hf":
+        return "hf"
+    from .fast_runtime import fast_supported
+
+    why = fast_supported(model, window)
+    if why is None:
+        return "fast"
+    if runtime == "fast":
+        raise ModelError(f"the fast runtime does not support this model ({why}); use --runtime hf")
+    return "hf"

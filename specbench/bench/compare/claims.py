@@ -48,6 +48,8 @@ def why_not_comparable(a: Run, b: Run, methods: dict) -> str | None:
     if (a.prompt_ids or None) != (b.prompt_ids or None) or not a.prompt_ids:
         why.append(f"other prompts ({len(a.prompt_ids or [])} vs {len(b.prompt_ids or [])})"
                    if a.prompt_ids and b.prompt_ids else "prompt set unknown")
+    if a.runtime != b.runtime:
+        why.append(f"other runtimes ({a.runtime} vs {b.runtime})")
     if a.max_new_tokens != b.max_new_tokens:
         why.append(f"other token budgets ({a.max_new_tokens} vs {b.max_new_tokens} new tokens)")
     if (a.top_k, a.top_p) != (b.top_k, b.top_p):

@@ -67,7 +67,7 @@ def reference_cell(r: Run) -> dict:
     return {
         "target": r.target_key, "target_sha256": r.target_sha, "method": r.method, "params": r.params,
         "dataset": r.dataset, "dataset_file": r.dataset_file, "temperature": r.temperature, "top_k": r.top_k,
-        "top_p": r.top_p, "seed": r.seed,
+        "top_p": r.top_p, "seed": r.seed, "runtime": r.runtime,
         "limit": r.limit, "max_new_tokens": r.max_new_tokens, "prompt_ids": r.prompt_ids,
         "tau": r.value("tau"), "tau_macro": r.summary.get("tau_macro"), "alpha_k": r.summary.get("alpha_k"),
         "reached_k": r.summary.get("reached_k"), "speedup": r.value("speedup"),

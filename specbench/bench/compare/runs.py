@@ -37,6 +37,7 @@ class Run:
     suite: dict | None = None
     label: str = ""
     extra: dict = field(default_factory=dict)  # e.g. Spec-Bench speed.py numbers of an imported file
+    runtime: str = "hf"  # the target's decoder runtime (files written before there was a choice ran hf)
 
     @property
     def hardware(self) -> str | None:
@@ -152,7 +153,7 @@ def run_from_document(doc: dict, source: str) -> Run:
         dataset_file=cfg["dataset_file"] if isinstance(cfg.get("dataset_file"), dict) else None,
         summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
-        label=method, extra=dict(doc.get("compare_extra") or {}),
+        label=method, extra=dict(doc.get("compare_extra") or {}), runtime=str(cfg.get("runtime") or "hf"),
     )
 
 

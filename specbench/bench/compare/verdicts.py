@@ -143,6 +143,9 @@ def _judge_cell(cell: Cell, rs: RefSet) -> None:
             cell.reason = mismatch or "other settings"
             return
         cell.matched = True
+        if metric != "tau" and (c.get("runtime") or "hf") != run.runtime:  # tau does not depend on the runtime
+            cell.reason = f"other runtime ({c.get('runtime') or 'hf'} in the reference, {run.runtime} here)"
+            return
         if not ref.gated:
             cell.reason = f"{METRIC_LABEL[metric]} is recorded, not gated, on this reference (a shared CPU)"
             return

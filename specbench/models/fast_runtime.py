@@ -1,0 +1,149 @@
+"""The `fast` decoder runtime: the target's forward without transformers' per-call machinery.
+
+A target forward here is a handful of tokens (one for vanilla, a chain or tree of 2-60 for a method)
+after a long KV-cached context, so on a CPU it is bound by streaming the weights and by per-op overhead,
+not by arithmetic. transformers' decoder spends most of a one-token forward outside the matrix products
+(mask and cache bookkeeping, many small ops per layer) and calls `F.linear` for every row count, whose
+BLAS path is slow for 2-16 rows. This runtime computes the same function with fewer, better-chosen calls:
+
+* q/k/v and gate/up are each ONE matrix product over concatenated weights;
+* one row uses ``x @ Wt`` on a kept transposed copy (a GEMV over contiguous rows of Wt), several rows
+  oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), the fastest forms measured on these
+  CPUs (`suites/linear_kernels.py`);
+* RMSNorm is `F.rms_norm`, rotary is applied to q and k heads together, attention is
+  `F.scaled_dot_product_attention` over the KV buffer with the caller's additive mask (grouped-query
+  attention without repeating the keys).
+
+The rotary table comes from the model's own rotary module and the KV cache is the same `BufferLayer`
+cache the hf runtime uses, so commit/truncate and the mask are shared and exact. Results differ from
+transformers' only by float rounding (other summation orders); `Target` treats any resulting greedy
+divergence as it treats one between devices (`specbench.decoding.numerics`).
+
+Supported: Llama-family decoders (Llama, Mistral without a sliding window, Qwen2; SiLU-gated MLP,
+RMSNorm, optional q/k/v/o biases) on CPU. `fast_supported` says why another model is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FastDecoder", "FastLinear", "fast_supported"]
+
+_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def fast_supported(model, window: int | None) -> str | None:
+    """None if `model` (an HF causal LM) runs on the fast runtime; else why not."""
+    cfg = model.config
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"the fast runtime is for CPU; the model is on {p.device.type}"
+    if getattr(cfg, "model_type", None) not in _FAMILIES:
+        return f"model type {getattr(cfg, 'model_type', '?')} (the fast runtime covers {', '.join(_FAMILIES)})"
+    if window is not None:
+        return "a sliding attention window"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or int(getattr(cfg, "pretraining_tp", 1) or 1) != 1:
+        return "an MLP other than SiLU-gated, or pretraining_tp > 1"
+    layer = model.get_decoder().layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or not all(
+            hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) or hasattr(attn, "q_norm"):
+        return "a decoder layer that is not Llama's (q/k/v/o projections, gate/up/down MLP, no q/k norm)"
+    return None
+
+
+class FastLinear:
+    """y = x W^T + b for a (out, in) weight, with the kernel chosen by the row count of x (see module doc)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        w = weight.detach().contiguous()
+        self.out_features = w.shape[0]
+        self.wt = w.t().contiguous()  # (in, out): one row is a GEMV over Wt's contiguous rows
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.packed = None
+        if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)  # blocked layout for 2+ rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 or self.packed is None:
+            y = x @ self.wt
+            return y if self.bias is None else y + self.bias
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _cat_bias(*mods) -> torch.Tensor | None:
+    biases = [m.bias for m in mods]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0])
+                      for b, m in zip(biases, mods)])
+
+
+class _Layer:
+    def __init__(self, layer):
+        a, m = layer.self_attn, layer.mlp
+        self.qkv = FastLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                              _cat_bias(a.q_proj, a.k_proj, a.v_proj))
+        self.o = FastLinear(a.o_proj.weight, a.o_proj.bias)
+        self.gate_up = FastLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                                  _cat_bias(m.gate_proj, m.up_proj))
+        self.down = FastLinear(m.down_proj.weight, m.down_proj.bias)
+        self.ln_in = layer.input_layernorm.weight.detach()
+        self.ln_post = layer.post_attention_layernorm.weight.detach()
+        self.intermediate = m.gate_proj.weight.shape[0]
+
+
+class FastDecoder:
+    """The decoder of HF causal LM `model` as the fast runtime: `forward` has the hf decoder's contract (the
+    last hidden states, final norm applied) for `Target`. The weights are copies (transposed and packed);
+    the HF model is left as it is."""
+
+    def __init__(self, model):
+        cfg = model.config
+        body = model.get_decoder()
+        self.embed = body.embed_tokens
+        self.rotary = body.rotary_emb
+        self.layers = [_Layer(layer) for layer in body.layers]
+        self.norm = body.norm.weight.detach()
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.scale = float(body.layers[0].self_attn.scaling)
+        self.hidden = int(cfg.hidden_size)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden,), w, self.eps)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """(q, H) last hidden states of `ids` (q,) at `positions` (q,), attending to `cache` (appended to) and,
+        among themselves, by `mask` ((1, 1, q, past + q) additive; None: causal)."""
+        q = ids.shape[0]
+        x = self.embed(ids)
+        cos, sin = self.rotary(x[None], positions[None])  # (1, q, d): the model's own rope (any rope type)
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (q, 1, d) over heads
+        past = cache.layers[0].get_seq_length() if cache.layers[0].is_initialized else 0
+        if mask is None and q > 1:  # causal among the new tokens, everything cached visible
+            allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
+            mask = mask[None, None]
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        half = d // 2
+        for i, lay in enumerate(self.layers):
+            h = self._norm(x, lay.ln_in)
+            qkv = lay.qkv(h)
+            qk = qkv[:, :(nh + nkv) * d].view(q, nh + nkv, d)
+            rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rot * sin
+            qh = qk[:, :nh].transpose(0, 1)[None]  # (1, nh, q, d)
+            kh = qk[:, nh:].transpose(0, 1)[None]  # (1, nkv, q, d)
+            vh = qkv[:, (nh + nkv) * d:].view(q, nkv, d).transpose(0, 1)[None]
+            keys, values = cache.layers[i].update(kh, vh)
+            att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=nkv != nh)
+            x = x + lay.o(att[0].transpose(0, 1).reshape(q, nh * d))
+            gu = lay.gate_up(self._norm(x, lay.ln_post))
+            x = x + lay.down(F.silu(gu[:, :lay.intermediate]) * gu[:, lay.intermediate:])
+        return self._norm(x, self.norm)
