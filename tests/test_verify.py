@@ -22,7 +22,7 @@ from helpers import DEVICES, K_TOKENS, KINDS, Case, check_case, explicit_table, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specbench.decoding.sampling import SamplingConfig
+from specbench.decoding.sampling import SamplingConfig, make_generator
 from specbench.decoding.tree import Proposal, Tree
 from specbench.decoding.verify import verify_greedy
 
@@ -226,6 +226,37 @@ def test_verifier_is_deterministic_given_seed(device):
     a, _ = run_verifier(case, device, n=5000, seed=7)
     b, _ = run_verifier(case, device, n=5000, seed=7)
     assert torch.equal(a.emitted(3), b.emitted(3)) and torch.equal(a.path, b.path)
+
+
+@st.composite
+def one_draw_cases(draw):
+    """A random tree over V tokens with peaked target rows (long accepted paths happen), and draft rows q
+    (None: deterministic candidates); tokens biased towards p's likely ones."""
+    V = draw(st.integers(2, 6))
+    parents = draw(tree_shapes(max_nodes=12, max_depth=4, bushy=draw(st.booleans())))
+    n = len(parents) + 1
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    p = (3 * torch.randn(n, V, generator=g)).softmax(-1)
+    sampled = draw(st.booleans())
+    q = (2 * torch.randn(n, V, generator=g)).softmax(-1) if sampled else None
+    tokens = [draw(st.integers(0, V - 1))] + [int(p[par].argmax()) if draw(st.booleans()) else
+                                              draw(st.integers(0, V - 1)) for par in parents]
+    return Tree(tokens[0], Proposal(tokens[1:], parents, sibling_draws="iid" if sampled else None)), p, q
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(case=one_draw_cases(), seed=st.integers(0, 2**31 - 1))
+def test_the_one_draw_walk_returns_the_batched_walks_verdict(case, seed):
+    """The decode loop's verifier (`_walk_one`, B = 1) is the batched walk the statistical tests prove lossless:
+    for the same generator state it returns the same path and token, and leaves the stream where `_walk` does."""
+    from specbench.decoding.verify import _walk, _walk_one
+
+    tree, p, q = case
+    g1, g2 = make_generator(seed), make_generator(seed)
+    one = _walk_one(p, tree, q, g1)
+    batched = _walk(p[None], tree, None if q is None else q[None], g2).item()
+    assert (one.path, one.token) == (batched.path, batched.token)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
 # --------------------------------------------------------------------------- greedy

@@ -1,8 +1,9 @@
 """Lossless verification of a token tree against the target's distributions.
 
 Pure functions over tensors.  The sampling verifiers are batched over a leading dim B
-(B draws of the same tree; the decode loop uses B = 1, the losslessness tests B >= 20000)
-and share one walk, `_walk`, parameterised by the draft distributions:
+(B draws of the same tree; the losslessness tests use B >= 20000) and share one walk, `_walk`,
+parameterised by the draft distributions; the decode loop (B = 1) takes `_walk_one`, the same walk
+over the same primitives and random stream, visiting only the children on its path:
 
 * deterministic candidates (q = point mass on the drafted token, EAGLE/PLD/Lookahead):
   accept child x with r(x); on rejection zero r(x) and renormalise;
@@ -109,6 +110,36 @@ def _walk(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator: torch.
     return BatchVerdict(path, n_acc, sample(r, generator), tokens)
 
 
+def _walk_one(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator: torch.Generator | None) -> Verdict:
+    """`_walk` for one draw (the decode loop's B = 1): p, q (n, V). The same walk with the same primitives and
+    the same random stream (all depth x width uniforms, then the final draw), so it returns `_walk`'s verdict
+    for the same generator state; but it visits only the children on the walk, in Python, with a handful of
+    tensor ops per visited child instead of `_walk`'s ~20 per child slot per depth."""
+    n = p.shape[0]
+    if n != len(tree):
+        raise ValueError(f"target distributions cover {n} nodes, tree has {len(tree)}")
+    children = tree.children
+    width = max((len(c) for c in children), default=0)
+    depth = tree.max_depth
+    u = torch.rand(depth * width, generator=generator, device=p.device).tolist() if depth * width else []
+    node, r, path = 0, p[0], list[int]()
+    for d in range(depth):
+        moved = False
+        for j, child in enumerate(children[node]):
+            x = tree.tokens[child]
+            q_c = None if q is None else q[child]
+            if u[d * width + j] < float(_accept_prob(r[x], None if q_c is None else q_c[x])):
+                node, moved = child, True
+                path.append(child)
+                break
+            r = _residual(r[None], None if q_c is None else q_c[None],
+                          torch.tensor([x], device=p.device))[0]
+        if not moved:
+            break
+        r = p[node]
+    return Verdict(path, int(sample(r, generator)))
+
+
 def verify_tree_deterministic(p: torch.Tensor, tree: Tree, generator: torch.Generator | None = None) -> BatchVerdict:
     """Tree of deterministic candidates; p (B, n, V) target distributions per node."""
     return _walk(p, tree, None, generator)
@@ -121,13 +152,17 @@ def verify_tree_sampled(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator:
     `tokens` (B, n) gives each draw its own drafted tokens (the tree then fixes only the
     shape); default: the tree's tokens for every draw.
     """
+    _check_iid(tree)
+    return _walk(p, tree, q, generator, tokens)
+
+
+def _check_iid(tree: Tree) -> None:
     if tree.proposal.sibling_draws != "iid" and any(len(c) > 1 for c in tree.children):
         # Multi-step rejection sampling over siblings is exact for i.i.d. draws only: siblings drawn
         # without replacement shift the output distribution, so the tree is refused, not mis-verified.
         raise ValueError(f"sampled siblings drawn {tree.proposal.sibling_draws or '(not stated)'}: the "
                          "sampled-tree verifier is exact only for siblings drawn i.i.d. with replacement; "
                          "draw them so and set Proposal.sibling_draws='iid'")
-    return _walk(p, tree, q, generator, tokens)
 
 
 def verify_chain(p: torch.Tensor, tree: Tree, q: torch.Tensor, generator: torch.Generator | None = None,
@@ -155,8 +190,9 @@ def accept(logits: torch.Tensor, tree: Tree, cfg: SamplingConfig, draft_probs: t
     """The decode loop's entry point: logits (n, V) for the tree's nodes."""
     if cfg.greedy:
         return verify_greedy(logits, tree)
-    p = probs(logits, cfg)[None]
+    p = probs(logits, cfg)
     if draft_probs is None:
-        return verify_tree_deterministic(p, tree, generator).item()
-    q = torch.cat([torch.zeros_like(draft_probs[:1]), draft_probs])[None].to(p)
-    return verify_tree_sampled(p, tree, q, generator).item()
+        return _walk_one(p, tree, None, generator)
+    _check_iid(tree)
+    q = torch.cat([torch.zeros_like(draft_probs[:1]), draft_probs]).to(p)
+    return _walk_one(p, tree, q, generator)
