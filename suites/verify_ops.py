@@ -2,13 +2,14 @@
 
     python suites/verify_ops.py --out results/studies/verify_ops.json
 
-EAGLE-2's paper-setting tree (60 nodes, depth 6, up to 10 children a node) over the embedded target's
-vocabulary (49152), target rows p from random logits of std `--peak` (peaked), drafted tokens the argmax of their parent's
-row with probability `--accept` (so walks go several levels deep, as with a trained head). For each of
-`--trials` seeds, torch's profiler counts the aten ops of one verification by the batched walk at B = 1
-(`_walk`, which the statistical tests drive) and by the loop's one-draw walk (`_walk_one`), for
-deterministic candidates (EAGLE/EAGLE-2/PLD/Lookahead: q = None) and sampled ones (q given). The file
-records the median and maximum counts and the accepted path lengths; both walks return the same verdict.
+EAGLE-2's paper-setting tree (60 nodes, depth 6, up to 10 children a node) over the embedded
+target's vocabulary (49152), target rows p from random logits of std `--peak` (peaked), drafted
+tokens the argmax of their parent's row with probability `--accept` (so walks go several levels
+deep, as with a trained head). For each of `--trials` seeds, torch's profiler counts the aten ops
+of one verification by the batched walk at B = 1 (`_walk`, which the statistical tests drive) and
+by the loop's one-draw walk (`_walk_one`), for deterministic candidates (EAGLE/EAGLE-2/PLD/
+Lookahead: q = None) and sampled ones (q given). The file records the median and maximum counts
+and the accepted path lengths; both walks return the same verdict.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def eagle2_tree(g: torch.Generator, p: torch.Tensor, nodes: int, depth: int, wid
     return Tree(int(torch.randint(V, (1,), generator=g)), Proposal(tokens, parents, sibling_draws="iid"))
 
 
-def count_ops(fn) -> int:
+def count_ops(fn, *args):
+    """(top-level aten ops of fn(*args), its result)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+        out = fn(*args)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None), out
 
 
 def main(argv=None) -> int:
@@ -80,11 +82,11 @@ def main(argv=None) -> int:
         q = (logits + torch.randn(logits.shape, generator=g)).softmax(-1)
         for kind, qq in (("deterministic", None), ("sampled", q)):
             ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-            rows[kind]["batched_B1"].append(count_ops(lambda: _walk(p[None], tree, None if qq is None else qq[None],
-                                                                    ga)))
-            verdict = []
-            rows[kind]["one_draw"].append(count_ops(lambda: verdict.append(_walk_one(p, tree, qq, gb))))
-            accepted[kind].append(len(verdict[0].path))
+            n_batched, _ = count_ops(_walk, p[None], tree, None if qq is None else qq[None], ga)
+            n_one, verdict = count_ops(_walk_one, p, tree, qq, gb)
+            rows[kind]["batched_B1"].append(n_batched)
+            rows[kind]["one_draw"].append(n_one)
+            accepted[kind].append(len(verdict.path))
     summary = {kind: {walk: {"median": statistics.median(v), "max": max(v)} for walk, v in r.items()}
                | {"accepted_median": statistics.median(accepted[kind]), "accepted_max": max(accepted[kind])}
                for kind, r in rows.items()}
