@@ -12,7 +12,7 @@ BLAS path is slow for 2-16 rows. This runtime computes the same function with fe
   CPUs (`suites/linear_kernels.py`);
 * RMSNorm is `F.rms_norm`, rotary is applied to q and k heads together, attention is
   `F.scaled_dot_product_attention` over the KV buffer with the caller's additive mask (grouped-query
-  attention without repeating the keys).
+  attention as plain attention over stacked query rows: the keys are read once, never repeated).
 
 The rotary table comes from the model's own rotary module and the KV cache is the same `BufferLayer`
 cache the hf runtime uses, so commit/truncate and the mask are shared and exact. Results differ from
@@ -130,20 +130,24 @@ class FastDecoder:
             mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
             mask = mask[None, None]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        half = d // 2
+        half, group = d // 2, nh // nkv
+        if mask is not None and group > 1:  # the query rows of a kv group are stacked: the mask once per head
+            mask = mask.expand(1, group, q, mask.shape[-1]).reshape(1, 1, group * q, mask.shape[-1])
         for i, lay in enumerate(self.layers):
             h = self._norm(x, lay.ln_in)
             qkv = lay.qkv(h)
             qk = qkv[:, :(nh + nkv) * d].view(q, nh + nkv, d)
             rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rot * sin
-            qh = qk[:, :nh].transpose(0, 1)[None]  # (1, nh, q, d)
+            # Grouped-query attention as plain attention: the `group` query heads sharing a kv head (heads
+            # j*group .. (j+1)*group-1, as transformers' repeat_kv pairs them) become group*q query rows of
+            # that kv head, so the keys are read once and never repeated.
+            qh = qk[:, :nh].transpose(0, 1).reshape(1, nkv, group * q, d)
             kh = qk[:, nh:].transpose(0, 1)[None]  # (1, nkv, q, d)
             vh = qkv[:, (nh + nkv) * d:].view(q, nkv, d).transpose(0, 1)[None]
             keys, values = cache.layers[i].update(kh, vh)
-            att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=nkv != nh)
-            x = x + lay.o(att[0].transpose(0, 1).reshape(q, nh * d))
+            att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
+            x = x + lay.o(att.view(nh, q, d).transpose(0, 1).reshape(q, nh * d))
             gu = lay.gate_up(self._norm(x, lay.ln_post))
             x = x + lay.down(F.silu(gu[:, :lay.intermediate]) * gu[:, lay.intermediate:])
         return self._norm(x, self.norm)
