@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
     cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
-                    device=args.device, hf_generate=args.hf_generate, runtime=args.runtime)
+                    device=args.device, hf_generate=args.hf_generate, runtime=args.runtime, timing=args.timing)
     if args.threads:  # before planning: the thread count is one of the run's recorded settings
         import torch
         torch.set_num_threads(args.threads)
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runtime", default="auto", choices=("auto", "hf", "fast"),
                    help="the target's decoder: hf (transformers' forward, the reference), fast "
                         "(specbench.models.fast_runtime; CPU, Llama-family) or auto (fast where supported)")
+    r.add_argument("--timing", default="sync", choices=("sync", "step"),
+                   help="phase timing on a GPU: sync (the device synchronised at every phase boundary: exact "
+                        "draft/verify split) or step (CUDA events, no timer syncs); the same on a CPU")
     r.add_argument("--out", help="results file (default runs/<method>-<dataset>-t<T>-n<limit>-<N>new-<hash>.json, "
                                  "a name unique to the settings)")
     r.add_argument("--no-resume", action="store_true", help="replace an existing results file instead of resuming")

@@ -272,7 +272,8 @@ class SuiteContext:
         runner = self.runner(spec)
         cfg = RunConfig(method=method, dataset=dataset, target=spec, params=params, limit=prof["limit"],
                         max_new_tokens=prof["max_new_tokens"], temperature=case.temperature,
-                        device=self.device, dtype=self.dtype, runtime=self.runtime)
+                        device=self.device, dtype=self.dtype, runtime=self.runtime,
+                        timing="step" if case.mode == "paper" else "sync")  # paper mode: no timer syncs on the GPU
         out = self.results_path(case, method, params, dataset)
         t0 = time.perf_counter()
         doc = runner.run(cfg, out=out, resume=False, progress=False)

@@ -255,7 +255,8 @@ def test_the_runtime_is_recorded_and_a_resume_on_another_is_refused(tmp_path):
     fast = Runner(loaded=loaded)  # auto: fast for a Llama on CPU
     assert fast.target.runtime_name == "fast"
     fast.run(_cfg(limit=1), out=out, progress=False)
-    assert json.loads(out.read_text())["config"]["runtime"] == "fast"
+    config = json.loads(out.read_text())["config"]
+    assert config["runtime"] == "fast" and config["timing"] == "sync"
     with pytest.raises(UsageError, match=r"runtime: file 'fast'"):
         Runner(loaded=loaded, runtime="hf").run(_cfg(limit=2), out=out, progress=False)
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..artifacts import check_writable, environment, sha256_bytes, write_json
 from ..decoding import SamplingConfig, generate, make_generator
+from ..decoding.loop import TIMINGS
 from ..decoding.numerics import classify_divergence
 from ..errors import ContextLengthError, UsageError
 from ..methods import get_method
@@ -46,6 +47,7 @@ class RunConfig:
     device: str = "auto"
     hf_generate: bool = False
     runtime: str = "auto"  # the target's decoder runtime (specbench.models.target.RUNTIMES, or auto)
+    timing: str = "sync"  # how phases are timed on an accelerator (specbench.decoding.loop.TIMINGS)
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -92,9 +94,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# What a file written before a setting existed ran with.
+_LEGACY_DEFAULTS = {"runtime": "hf", "timing": "sync"}
+
+
 def _differences(old: dict, new: dict, keys) -> list[str]:
     """`key: file X, now Y` for each setting in `keys` that differs (nested settings by dotted name)."""
-    a = _flat({k: old.get(k) for k in keys})
+    a = _flat({k: old.get(k, _LEGACY_DEFAULTS.get(k)) for k in keys})
     b = _flat(json.loads(json.dumps({k: new.get(k) for k in keys})))
     return [f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in _SPELLING_KEYS]
@@ -112,6 +118,8 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.repeats < 1 or cfg.max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    if cfg.timing not in TIMINGS:
+        raise UsageError(f"--timing must be one of {', '.join(TIMINGS)}, not {cfg.timing!r}")
     if not 0 <= cfg.seed < 2**32:  # per-prompt generator seeds are derived from it and must fit int64
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -125,7 +133,7 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
     settings.update({
         "limit": cfg.limit, "prompt_ids": [p.id for p in prompts], "sampling": sampling.to_dict(),
         "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
-        "hf_generate": cfg.hf_generate,
+        "hf_generate": cfg.hf_generate, "timing": cfg.timing,
         "threads": torch.get_num_threads(),  # timings depend on it: a resume must not mix thread counts
     })
     plan = Plan(cfg, params, sampling, prompts, settings, None)
@@ -291,7 +299,7 @@ class Runner:
                 walls, gen = [], None
                 for _ in range(cfg.repeats):
                     g = make_generator(cfg.seed * 1_000_003 + index * 16 + turn, dev)
-                    gen = generate(self.target, d, ids, cfg.max_new_tokens, sampling, g)
+                    gen = generate(self.target, d, ids, cfg.max_new_tokens, sampling, g, timing=cfg.timing)
                     walls.append(gen.wall_s)
                 sample["runs"][cfg.method if role == "method" else "vanilla"] = metrics.record(gen, walls)
                 on_decode(len(gen.tokens))
@@ -317,7 +325,7 @@ class Runner:
         return {"position": pos, **classify_divergence(out.logits[-1], self.target.dtype)}
 
     def _hf_generate(self, ids: list[int], sampling: SamplingConfig, cfg: RunConfig) -> dict:
-        from ..decoding.loop import Generation, _clock
+        from ..decoding.loop import Generation, wall_clock
 
         model, dev = self.loaded.model, self.target.device
         kwargs = ({"do_sample": False} if sampling.greedy else
@@ -326,11 +334,11 @@ class Runner:
         walls, new = [], []
         for _ in range(cfg.repeats):
             torch.manual_seed(cfg.seed)
-            t0 = _clock(dev)
+            t0 = wall_clock(dev)
             with torch.inference_mode():
                 out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=cfg.max_new_tokens,
                                      pad_token_id=self.loaded.tokenizer.eos_token_id, **kwargs)
-            walls.append(_clock(dev) - t0)
+            walls.append(wall_clock(dev) - t0)
             new = out[0, len(ids):].tolist()
         gen = Generation(tokens=new, steps=[1] * len(new))
         return metrics.record(gen, walls)

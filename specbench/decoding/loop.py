@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,10 +47,54 @@ class Generation:
             self.accepted[k] += k < n_accepted
 
 
-def _clock(device: torch.device) -> float:
+TIMINGS = ("sync", "step")
+
+
+def wall_clock(device: torch.device) -> float:
+    """The host clock once `device` has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+class _Clock:
+    """Phase timestamps of one generation.
+
+    ``sync``: every mark synchronises the device, so each phase's time is exact but the host waits for the
+    GPU four times a step (the pipeline the method would overlap is drained). ``step``: marks are CUDA events
+    recorded on the stream (no host wait); the step's own read-back of the verdict is its one sync, and the
+    phase times are resolved once, at the end. On a CPU both are the host clock (nothing to synchronise).
+    """
+
+    def __init__(self, device: torch.device, timing: str):
+        if timing not in TIMINGS:
+            raise ValueError(f"unknown timing {timing!r}: choose one of {', '.join(TIMINGS)}")
+        self.device, self.events = device, device.type == "cuda" and timing == "step"
+        self.marks: list[Any] = []  # host seconds, or CUDA events until `resolve`
+
+    def mark(self) -> int:
+        """Record a timestamp; its index for `between`."""
+        if self.events:
+            e = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(wall_clock(self.device))
+        return len(self.marks) - 1
+
+    def resolve(self) -> None:
+        """Turn the marks into seconds from the first (one device sync in step mode)."""
+        if self.events:
+            torch.cuda.synchronize(self.device)
+            first = self.marks[0]
+            self.marks = [first.elapsed_time(e) / 1000 for e in self.marks]
+            self.events = False
+        else:
+            t0 = self.marks[0]
+            self.marks = [t - t0 for t in self.marks]
+
+    def between(self, a: int, b: int) -> float:
+        return float(self.marks[b] - self.marks[a])
 
 
 def cut_at_stop(emitted: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
@@ -61,28 +105,33 @@ def cut_at_stop(emitted: list[int], stop_ids: set[int]) -> tuple[list[int], bool
 
 
 def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
-             generator: torch.Generator | None = None, stop_ids: set[int] | None = None) -> Generation:
-    """Decode up to `max_new_tokens` after `prompt` (a non-empty token list)."""
+             generator: torch.Generator | None = None, stop_ids: set[int] | None = None,
+             timing: str = "sync") -> Generation:
+    """Decode up to `max_new_tokens` after `prompt` (a non-empty token list); `timing`: how the phases are
+    timed on an accelerator (`_Clock`; the same tokens either way)."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     target.check_fits(len(prompt), max_new_tokens)
     stop_ids = target.eos_token_ids if stop_ids is None else stop_ids
     gen = Generation()
     dev = target.device
-    start = _clock(dev)
+    clock = _Clock(dev, timing)
+    wall0 = wall_clock(dev)  # the wall time starts and ends with an idle device, in either mode
+    start = clock.mark()
     prefill = target.prefill(prompt[:-1])  # the last prompt token is the first tree root
     drafter.begin(list(prompt), prefill)
-    gen.prefill_s = _clock(dev) - start
+    prefilled = clock.mark()
     seq = list(prompt)
+    phases: list[tuple[str, int, int]] = []  # (draft|verify, from mark, to mark), resolved at the end
     while len(gen.tokens) < max_new_tokens:
-        t0 = _clock(dev)
+        t0 = clock.mark()
         proposal = drafter.propose(seq)
         tree = Tree(seq[-1], proposal)
-        t1 = _clock(dev)
+        t1 = clock.mark()
         out = target.forward_tree(tree)
         verdict = accept(out.logits, tree, sampling, proposal.draft_probs, generator)
         target.commit([0, *verdict.path])
-        t2 = _clock(dev)
+        t2 = clock.mark()
         emitted = [tree.tokens[i] for i in verdict.path] + [verdict.token]
         emitted, stopped = cut_at_stop(emitted[: max_new_tokens - len(gen.tokens)], stop_ids)
         if stopped:
@@ -93,11 +142,17 @@ def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens
         gen.steps.append(len(emitted))
         gen.tokens += emitted
         seq += emitted
-        gen.draft_s += t1 - t0
-        gen.verify_s += t2 - t1
+        phases += [("draft", t0, t1), ("verify", t1, t2)]
         if gen.stop == "eos" or len(gen.tokens) >= max_new_tokens:
             break
         drafter.update(tree, verdict, out)
-        gen.draft_s += _clock(dev) - t2
-    gen.wall_s = _clock(dev) - start
+        phases.append(("draft", t2, clock.mark()))
+    clock.resolve()
+    gen.wall_s = wall_clock(dev) - wall0
+    gen.prefill_s = clock.between(start, prefilled)
+    for what, a, b in phases:
+        if what == "draft":
+            gen.draft_s += clock.between(a, b)
+        else:
+            gen.verify_s += clock.between(a, b)
     return gen
