@@ -38,15 +38,22 @@ def chain(n: int) -> Proposal:
 
 
 def forward_timer(model: str, threads: int, context: int, runtime: str = "hf",
-                  loaded=None) -> tuple[Target, Callable[[Proposal], float]]:
+                  loaded=None, device: str = "cpu") -> tuple[Target, Callable[[Proposal], float]]:
     """(target, once): once(proposal) prefills `context` fixed random tokens and times one tree forward on
     `runtime` (`loaded`: the model already loaded, shared by several runtimes).
 
-    The clock is this thread's CPU time with one thread (robust to other processes), else wall time.
+    The clock is this thread's CPU time with one thread on a CPU (robust to other processes), else wall time
+    (on a GPU after synchronising it).
     """
+    from specbench.decoding.loop import wall_clock
+
     torch.set_num_threads(threads)
-    target = Target.from_loaded(loaded or load_model(model, dtype="float32", device="cpu"), runtime=runtime)
-    clock = time.thread_time if threads == 1 else time.perf_counter
+    target = Target.from_loaded(loaded or load_model(model, dtype="float32", device=device), runtime=runtime)
+    if target.device.type != "cpu":
+        def clock() -> float:
+            return wall_clock(target.device)
+    else:
+        clock = time.thread_time if threads == 1 else time.perf_counter
     prompt = [int(t) for t in torch.randint(100, target.vocab_size - 1, (context + 1,),
                                             generator=torch.Generator().manual_seed(0))]
 
@@ -67,14 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=300, help="tokens in the KV cache before the forward")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--runtimes", default="hf,fast", help="the target runtimes timed, interleaved (the first is the "
-                    "reference of `vs_first`)")
+    ap.add_argument("--runtimes", default=None, help="the target runtimes timed, interleaved (the first is the "
+                    "reference of `vs_first`; default hf,fast on a CPU, hf elsewhere)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     ap.add_argument("--out", default="results/studies/tree_cost_cpu.json")
     args = ap.parse_args(argv)
 
-    runtimes = [r for r in args.runtimes.split(",") if r]
-    loaded = load_model(args.model, dtype="float32", device="cpu")
-    timers = {rt: forward_timer(args.model, args.threads, args.context, rt, loaded) for rt in runtimes}
+    runtimes = [r for r in (args.runtimes or ("hf,fast" if args.device == "cpu" else "hf")).split(",") if r]
+    loaded = load_model(args.model, dtype="float32", device=args.device)
+    timers = {rt: forward_timer(args.model, args.threads, args.context, rt, loaded, args.device) for rt in runtimes}
     target = timers[runtimes[0]][0]
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {1})
     shapes = {"chain": chain, "star": lambda n: Proposal(list(range(500, 500 + n - 1)), [0] * (n - 1))}
@@ -96,10 +104,12 @@ def main(argv=None) -> int:
     result = {
         "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
         "what": "target forward over n tokens after a KV-cached context, relative to n = 1 (median over reps)",
-        **environment("cpu"),
+        **environment(target.device),
         "command": "python suites/tree_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "target": target.name, "weights_sha256": target.weights_sha256, "dtype": "float32", "device": "cpu",
-        "clock": "thread CPU time" if args.threads == 1 else "wall time", "loadavg_1min": os.getloadavg()[0],
+        "target": target.name, "weights_sha256": target.weights_sha256, "dtype": "float32",
+        "device": str(target.device),
+        "clock": "thread CPU time" if args.threads == 1 and target.device.type == "cpu" else "wall time",
+        "loadavg_1min": os.getloadavg()[0],
         "context": args.context, "reps": args.reps, "runtimes": runtimes,
         "definitions": {"ratio_to_n1": "median ms at n / median ms at n = 1, same runtime",
                         "vs_first": f"median ms of runtime {runtimes[0]} / this runtime's, same n and shape "

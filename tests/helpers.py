@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,13 +53,18 @@ OK = "ok"
 
 # --------------------------------------------------------------------------- tiny targets
 
+# The device the tiny targets live on: cpu here; the GPU device check (scripts/gpu_check.sh) runs the
+# end-to-end and half-precision modules again with SPECBENCH_TEST_DEVICE=cuda.
+TEST_DEVICE = os.environ.get("SPECBENCH_TEST_DEVICE", "cpu")
+
+
 def tiny_target(seed: int = 0, name: str = "tiny", **sizes) -> Target:
     """A tiny random Llama target: `specbench.models.tiny_llama` (vocab 64, hidden 32, 2 layers unless
-    `sizes` say otherwise), deterministic in `seed`, the global RNG untouched."""
+    `sizes` say otherwise), deterministic in `seed`, the global RNG untouched, on TEST_DEVICE."""
     from specbench.models import tiny_llama  # transformers: only for the modules that decode
     from specbench.models.target import Target
 
-    return Target(tiny_llama(seed=seed, **sizes).model, name=name)
+    return Target(tiny_llama(seed=seed, **sizes).model.to(TEST_DEVICE), name=name)
 
 
 # --------------------------------------------------------------------------- the check

@@ -49,8 +49,10 @@ MUTANT_GENERATIONS = 600  # enough for the gross faults of the end-to-end mutati
 def target(request):
     """The tiny random Llama target of `helpers.tiny_target` on each runtime (`specbench.models.target.RUNTIMES`):
     every test of this module runs on both, the hf runtime's being the reference the fast one must match."""
-    from helpers import tiny_target
+    from helpers import TEST_DEVICE, tiny_target
 
+    if request.param == "fast" and TEST_DEVICE != "cpu":
+        pytest.skip("the fast runtime is CPU-only")
     return Target(tiny_target().model, name="tiny", runtime=request.param)
 
 
