@@ -29,7 +29,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(method=args.method, dataset=args.dataset, target=args.target, params=_params(args.param),
                     limit=args.limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, repeats=args.repeats, dtype=args.dtype,
-                    device=args.device, hf_generate=args.hf_generate, runtime=args.runtime, timing=args.timing)
+                    device=args.device, hf_generate=args.hf_generate, runtime=args.runtime, timing=args.timing,
+                    device_map=args.device_map, max_memory=args.max_memory)
     if args.threads:  # before planning: the thread count is one of the run's recorded settings
         import torch
         torch.set_num_threads(args.threads)
@@ -37,7 +38,8 @@ def cmd_run(args) -> int:
     plan = plan_run(cfg)
     out = Path(args.out) if args.out else default_out(plan)
     open_output(plan, out, resume=not args.no_resume)
-    runner = Runner(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
+    runner = Runner(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime,
+                    device_map=args.device_map, max_memory=args.max_memory)
     doc = runner.run(cfg, out=out, resume=not args.no_resume, progress=not args.no_progress, plan=plan)
     s = doc["summary"]
     rows = []
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runtime", default="auto", choices=("auto", "hf", "fast"),
                    help="the target's decoder: hf (transformers' forward, the reference), fast "
                         "(specbench.models.fast_runtime; CPU, Llama-family) or auto (fast where supported)")
+    r.add_argument("--device-map", choices=("auto",), default=None,
+                   help="spread the target over the visible devices with accelerate (targets larger than one GPU); "
+                        "the draft head goes with the LM head")
+    r.add_argument("--max-memory", help="with --device-map auto: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     r.add_argument("--timing", default="sync", choices=("sync", "step"),
                    help="phase timing on a GPU: sync (the device synchronised at every phase boundary: exact "
                         "draft/verify split) or step (CUDA events, no timer syncs); the same on a CPU")

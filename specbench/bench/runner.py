@@ -48,6 +48,8 @@ class RunConfig:
     hf_generate: bool = False
     runtime: str = "auto"  # the target's decoder runtime (specbench.models.target.RUNTIMES, or auto)
     timing: str = "sync"  # how phases are timed on an accelerator (specbench.decoding.loop.TIMINGS)
+    device_map: str | None = None  # "auto": the target spread over the devices by accelerate
+    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -67,7 +69,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 # Config keys that depend on the loaded model or drafter; every other key is known before loading.
-_MODEL_KEYS = ("target", "dtype", "device", "runtime", "draft_checkpoint_sha256", "draft_vocab_sha256")
+_MODEL_KEYS = ("target", "dtype", "device", "device_map", "runtime", "draft_checkpoint_sha256", "draft_vocab_sha256")
 _UNCHECKED_KEYS = ("prompt_ids", "limit")  # a resumed run may extend the prompt list
 _SPELLING_KEYS = ("dataset_file.path",)  # how the file was named; its sha256 is what must match
 
@@ -95,7 +97,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 # What a file written before a setting existed ran with.
-_LEGACY_DEFAULTS = {"runtime": "hf", "timing": "sync"}
+_LEGACY_DEFAULTS = {"runtime": "hf", "timing": "sync", "device_map": None}
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """--max-memory "0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (accelerate's form)."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        dev, sep, size = part.partition("=")
+        if not sep or not dev.strip() or not size.strip():
+            raise UsageError(f"--max-memory expects DEVICE=SIZE,... (e.g. 0=20GiB,cpu=64GiB), got {text!r}")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = size.strip()
+    return out
 
 
 def _differences(old: dict, new: dict, keys) -> list[str]:
@@ -118,6 +134,9 @@ def plan_run(cfg: RunConfig, out: Path | None = None, resume: bool = True) -> Pl
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.repeats < 1 or cfg.max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    parse_max_memory(cfg.max_memory)  # malformed: refused before any load
+    if cfg.max_memory and not cfg.device_map:
+        raise UsageError("--max-memory applies to --device-map auto; pass both")
     if cfg.timing not in TIMINGS:
         raise UsageError(f"--timing must be one of {', '.join(TIMINGS)}, not {cfg.timing!r}")
     if not 0 <= cfg.seed < 2**32:  # per-prompt generator seeds are derived from it and must fit int64
@@ -181,11 +200,12 @@ class Runner:
     """Holds the loaded target so several runs (e.g. a benchmark suite) share one load."""
 
     def __init__(self, target_spec: str = "smollm2-135m", dtype: str = "auto", device: str = "auto", loaded=None,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", device_map: str | None = None, max_memory: str | None = None):
         from ..models import load_model
         from ..models.target import Target
 
-        self.loaded = loaded or load_model(target_spec, dtype=dtype, device=device)
+        self.loaded = loaded or load_model(target_spec, dtype=dtype, device=device, device_map=device_map,
+                                           max_memory=parse_max_memory(max_memory))
         self.target = Target.from_loaded(self.loaded, runtime=runtime)
 
     def run(self, cfg: RunConfig, out: Path | None = None, resume: bool = True, progress: bool = True,
@@ -278,6 +298,9 @@ class Runner:
                        "source": self.loaded.source},
             "dtype": str(self.target.dtype).removeprefix("torch."), "device": str(self.target.device),
             "runtime": self.target.runtime_name,  # vanilla and the method alike: one runtime per run
+            # a target spread over devices: where each part ran
+            "device_map": {k: str(v) for k, v in (getattr(self.loaded.model, "hf_device_map", None) or {}).items()}
+            or None,
         })
         return config
 

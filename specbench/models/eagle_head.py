@@ -111,7 +111,8 @@ class EagleHead(nn.Module):
         # Frozen target modules: plain attributes, so they are neither parameters nor state.
         object.__setattr__(self, "_embed_tokens", embed_tokens)
         object.__setattr__(self, "_lm_head", lm_head)
-        ref = embed_tokens.weight
+        # The head lives with the LM head: on a target spread over devices, that of its last layer.
+        ref = lm_head.weight
         factory = {"device": ref.device, "dtype": ref.dtype}
         self.fc = nn.Linear(2 * H, H, bias=self.fc_bias, **factory)
         layer = layer_cls(cfg, layer_idx=0)
@@ -184,8 +185,8 @@ class EagleHead(nn.Module):
         B, T = input_ids.shape
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, T)
-        with torch.no_grad():
-            emb = self._embed_tokens(input_ids)
+        with torch.no_grad():  # the embedding may sit on another device than the head
+            emb = self._embed_tokens(input_ids.to(self._embed_tokens.weight.device)).to(features.device)
         h = self.fuse(emb.to(features.dtype), features)
         past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         mask = self._mask(attention_mask, B, T, past, h.dtype, h.device)

@@ -37,6 +37,8 @@ def fast_supported(model, window: int | None) -> str | None:
     """None if `model` (an HF causal LM) runs on the fast runtime; else why not."""
     cfg = model.config
     p = next(model.parameters())
+    if getattr(model, "hf_device_map", None):
+        return "a model spread over devices (device_map)"
     if p.device.type != "cpu":
         return f"the fast runtime is for CPU; the model is on {p.device.type}"
     if getattr(cfg, "model_type", None) not in _FAMILIES:

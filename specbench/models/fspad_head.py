@@ -94,7 +94,7 @@ class FspadHead(EagleHead):
         super().__init__(config, embed_tokens, lm_head, fc_bias, layer_cls=layer_cls, rotary_cls=rotary_cls)
         self.variant = variant
         self.sampler, self.pad = VARIANTS[variant]
-        ref = embed_tokens.weight
+        ref = lm_head.weight  # where EAGLE's part of the head lives
         factory = {"device": ref.device, "dtype": ref.dtype}
         layer = self.layers[0]
         if self.sampler:

@@ -28,8 +28,8 @@ from .registry import EMBEDDED, EmbeddedModel, ModelError, cache_dir, fetch_embe
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "tiny_mistral", "tiny_random",
-           "tiny_sizes", "weights_sha256_of_dir"]
+__all__ = ["LoadedModel", "dispatch", "load_model", "resolve_device", "resolve_dtype", "tiny_llama", "tiny_mistral",
+           "tiny_random", "tiny_sizes", "weights_sha256_of_dir"]
 
 MANIFEST = "specbench-cache.json"
 _CACHE_FORMAT = 2  # 2: safetensors metadata format=pt and a tied head stored as the embedding (both for 4.56)
@@ -179,12 +179,14 @@ def _load_tokenizer(d: Path):
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _load_causal_lm(d: Path, dtype: torch.dtype, label: str):
+def _load_causal_lm(d: Path, dtype: torch.dtype, label: str, placement: dict | None = None):
+    """`placement`: from_pretrained's device_map / max_memory / offload_folder (accelerate places the weights
+    as they load, so a target larger than one device never has to fit one)."""
     from transformers import AutoModelForCausalLM
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            d, dtype=dtype, local_files_only=True, output_loading_info=True)
+            d, dtype=dtype, local_files_only=True, output_loading_info=True, **(placement or {}))
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(f"cannot load '{label}' ({d}) as a causal LM: {type(e).__name__}: {msg}") from e
@@ -203,7 +205,25 @@ def _load_causal_lm(d: Path, dtype: torch.dtype, label: str):
 def _finish(model, device: torch.device):
     model.eval()
     model.requires_grad_(False)
-    return model.to(device)
+    return model if getattr(model, "hf_device_map", None) else model.to(device)  # dispatched: left where it is
+
+
+def _placement(device_map, max_memory: dict | None, offload_dir: str | None) -> dict | None:
+    if device_map is None:
+        return None
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_dir}
+
+
+def dispatch(model, device_map="auto", max_memory: dict | None = None, offload_dir: str | None = None):
+    """Spread a loaded model over devices with accelerate (`device_map` "auto": `infer_auto_device_map` within
+    `max_memory`, never splitting a decoder layer; or an explicit {module: device} map, "disk" offloading to
+    `offload_dir`). The embedding and the LM head must stay on real devices (inputs and logits live there)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
 
 
 # ---------------------------------------------------------------- embedded
@@ -386,18 +406,27 @@ def _hf_snapshot(spec: str) -> Path | None:
 
 
 def load_model(spec: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               cache: Path | None = None) -> LoadedModel:
-    """Load a target model: embedded name, local HF-format directory, or an HF id present in the local cache."""
+               cache: Path | None = None, device_map=None, max_memory: dict | None = None,
+               offload_dir: str | None = None) -> LoadedModel:
+    """Load a target model: embedded name, local HF-format directory, or an HF id present in the local cache.
+
+    `device_map` ("auto" or {module: device}) spreads it over devices with accelerate instead (`dispatch`;
+    an HF checkpoint is placed as it loads), within `max_memory` ({device: "20GiB", ...}); `device` then only
+    picks the dtype's default."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cache = Path(cache) if cache is not None else cache_dir()
     spec = str(spec)
     m = EMBEDDED.get(spec.lower())
+    placement = _placement(device_map, max_memory, offload_dir)
     if m is not None:
-        return _load_embedded(m, dt, dev, cache)
+        loaded = _load_embedded(m, dt, torch.device("cpu") if placement else dev, cache)
+        if placement:
+            loaded.model = dispatch(loaded.model, device_map, max_memory, offload_dir)
+        return loaded
     path = Path(spec).expanduser()
     if path.is_dir():
-        model = _load_causal_lm(path, dt, spec)
+        model = _load_causal_lm(path, dt, spec, placement)
         return LoadedModel(_finish(model, dev), _load_tokenizer(path), spec,
                            weights_sha256_of_dir(path, cache), "local")
     if path.exists():
@@ -406,7 +435,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "auto", device: str | to
     snap = _hf_snapshot(spec)
     if snap is None or not (snap / "config.json").is_file():
         raise _not_found(spec)
-    model = _load_causal_lm(snap, dt, spec)
+    model = _load_causal_lm(snap, dt, spec, placement)
     return LoadedModel(_finish(model, dev), _load_tokenizer(snap), spec, weights_sha256_of_dir(snap, cache), "hf-cache")
 
 

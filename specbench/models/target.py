@@ -90,6 +90,7 @@ class BufferLayer(DynamicLayer):
     def keep(self, start: int, index: torch.Tensor | None, count: int) -> None:
         """Keep positions start + index (or the next `count` when index is None) after `start`."""
         if index is not None:
+            index = index.to(self._kbuf.device)  # a layer of a model spread over devices keeps its own
             self._kbuf[..., start:start + count, :] = self._kbuf.index_select(-2, index + start)
             self._vbuf[..., start:start + count, :] = self._vbuf.index_select(-2, index + start)
         self._set_size(start + count)
@@ -159,8 +160,12 @@ class Target:
         self.weights_sha256 = weights_sha256
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
-        p = next(model.parameters())
+        # Inputs go where the embedding is (a model spread over devices by accelerate moves them on from there).
+        p = model.get_input_embeddings().weight
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "meta":
+            raise ModelError("the target's embedding is offloaded (meta device); keep the embedding and the LM head "
+                             "on a real device in the device map")
         self.config = model.config
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         # None for full attention (the model builds its causal mask for prefill and chains, as transformers
