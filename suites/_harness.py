@@ -109,7 +109,7 @@ def cases(paper: str, table: str, quick: dict | None = None, embedded: bool = Tr
     out = []
     for (target, method, ds, t, setting), rs in groups.items():
         c = Case("paper", "paper", paper, table, target, method, ds, float(t), setting, tuple(rs))
-        out.append(pytest.param(c, id=c.id, marks=[pytest.mark.paper, pytest.mark.slow]))
+        out.append(pytest.param(c, id=c.id, marks=[pytest.mark.paper, pytest.mark.slow, _group(c)]))
     if embedded and all(r.setting is None for r in rows):
         cells = [k for k in groups if k[2] != "mean"]
         methods = sorted({k[1] for k in cells}, key=catalogue.sort_key)
@@ -120,10 +120,30 @@ def cases(paper: str, table: str, quick: dict | None = None, embedded: bool = Tr
                 for t in temps:
                     if quick and m in quick["methods"] and ds in quick["datasets"] and t in quick["temperatures"]:
                         c = Case("embedded", "quick", paper, table, EMBEDDED_TARGET, m, ds, float(t))
-                        out.append(pytest.param(c, id=c.id, marks=[pytest.mark.embedded, pytest.mark.quick]))
+                        out.append(pytest.param(c, id=c.id, marks=[pytest.mark.embedded, pytest.mark.quick,
+                                                                   _group(c)]))
                     c = Case("embedded", "full", paper, table, EMBEDDED_TARGET, m, ds, float(t))
-                    out.append(pytest.param(c, id=c.id, marks=[pytest.mark.embedded, pytest.mark.slow]))
+                    out.append(pytest.param(c, id=c.id, marks=[pytest.mark.embedded, pytest.mark.slow, _group(c)]))
     return out
+
+
+def _group(c: Case):
+    """Run in parallel (pytest-xdist, ``-n N --dist loadgroup``), the cases that share decodes stay on one
+    worker: every table's cases of one (mode, profile, target, method, temperature), their datasets and
+    Mean cells included, so a decode is still made once and reused (HASS Tables 1 and 2)."""
+    return pytest.mark.xdist_group(f"{c.mode}-{c.profile}-{c.target}-{c.method}-T{c.temperature:g}")
+
+
+def worker_device() -> str:
+    """The device of this pytest-xdist worker: worker i of a runner with n > 1 GPUs is pinned to cuda:(i mod n);
+    one process (no xdist) or one GPU: "auto"."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return "auto"
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"cuda:{int(worker[2:]) % n}" if n > 1 else "auto"
 
 
 # ---------------------------------------------------------------- session context
@@ -162,7 +182,7 @@ class SuiteContext:
         mnt = opt("--suite-max-new-tokens") or env("SPECBENCH_SUITE_MAX_NEW_TOKENS")
         self.limit_override = int(lim) if lim else None
         self.max_new_override = int(mnt) if mnt else None
-        self.device = opt("--suite-device") or env("SPECBENCH_SUITE_DEVICE") or "auto"
+        self.device = opt("--suite-device") or env("SPECBENCH_SUITE_DEVICE") or worker_device()
         self.dtype = opt("--suite-dtype") or env("SPECBENCH_SUITE_DTYPE") or "auto"
         self.runtime = opt("--suite-runtime") or env("SPECBENCH_SUITE_RUNTIME") or "auto"
         self.command = "pytest " + shlex.join(str(a) for a in config.invocation_params.args)

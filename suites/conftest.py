@@ -32,7 +32,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for line in ("paper: paper mode: the paper's own target and draft (needs --paper-models)",
                  "embedded: embedded mode: SmolLM2-135M on this machine",
-                 "claim: a paper's qualitative claim checked as an ordering on the embedded target"):
+                 "claim: a paper's qualitative claim checked as an ordering on the embedded target",
+                 "xdist_group(name): cases sharing decodes, kept on one pytest-xdist worker (--dist loadgroup)"):
         config.addinivalue_line("markers", line)
     if hasattr(config.option, "benchmark_enable"):
         config.option.benchmark_enable = True
