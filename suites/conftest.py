@@ -25,6 +25,9 @@ def pytest_addoption(parser):
     g.addoption("--suite-device", metavar="DEV", help="auto | cpu | cuda[:N] (env SPECBENCH_SUITE_DEVICE)")
     g.addoption("--suite-dtype", metavar="DTYPE",
                 help="auto | float32 | bfloat16 | float16 (env SPECBENCH_SUITE_DTYPE)")
+    g.addoption("--suite-device-map", metavar="MAP", choices=("auto",),
+                help="spread every target over the GPUs with accelerate (env SPECBENCH_SUITE_DEVICE_MAP); a target "
+                     "larger than its one GPU takes this path by itself")
     g.addoption("--suite-runtime", metavar="RT", choices=("auto", "hf", "fast"),
                 help="the target's decoder runtime: auto | hf | fast (env SPECBENCH_SUITE_RUNTIME)")
 

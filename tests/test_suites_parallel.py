@@ -35,3 +35,29 @@ def test_two_workers_write_the_results_one_process_would(tmp_path):
     cmp = subprocess.run([sys.executable, "-m", "specbench.cli", "compare", str(tmp_path / "quick" / "smollm2-135m")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cmp.returncode == 0 and "lookahead" in cmp.stdout and "pld" in cmp.stdout, cmp.stderr
+
+
+def test_a_target_larger_than_its_gpu_takes_the_device_map_path(tmp_path, monkeypatch):
+    """(CUDA faked: 1 GiB per device.) A 2 GiB target goes to accelerate's device map in one process, and is
+    skipped, with how to run it, on an xdist worker (it would take the other workers' GPUs)."""
+    import importlib
+    import types
+
+    import pytest
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "suites"))
+    harness = importlib.import_module("_harness")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=2**30))
+    small, big = tmp_path / "small", tmp_path / "big"
+    for d, size in ((small, 2**20), (big, 2 * 2**30)):
+        d.mkdir()
+        with open(d / "model.safetensors", "wb") as f:
+            f.truncate(size)  # sparse: the size is all that is read
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    assert harness.placement(str(small), "cuda:0") is None and harness.placement(str(big), "cpu") is None
+    assert harness.placement(str(big), "cuda:1") == "auto"
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    with pytest.raises(pytest.skip.Exception, match="does not fit one GPU: run its cases without -n"):
+        harness.placement(str(big), "cuda:1")
