@@ -145,3 +145,20 @@ def test_a_divergence_is_a_tie_only_within_the_dtype_tolerance(dtype):
     for gap, tie in ((0.5 * tol, True), (2 * tol, False)):
         verdict = classify_divergence(torch.tensor([8.0, 8.0 - gap, -2.0]), dtype)
         assert verdict["numerical_tie"] is tie and verdict["top2_logit_gap"] == pytest.approx(gap)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: _DTYPE_IDS[d])
+def test_the_verifier_works_in_float32_whatever_the_model_dtype(dtype, monkeypatch):
+    """Half-precision logits and draft probabilities reach the walk as float32 distributions."""
+    from specbench.decoding import verify
+    from specbench.decoding.tree import Proposal, Tree
+
+    seen = []
+    walk = verify._walk_one
+    monkeypatch.setattr(verify, "_walk_one", lambda p, tree, q, g: seen.append((p.dtype, q)) or walk(p, tree, q, g))
+    logits = torch.randn(3, 64).to(dtype)
+    q = torch.softmax(torch.randn(2, 64), -1).to(dtype)
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    verify.accept(logits, Tree(1, Proposal.chain([2, 3])), cfg, None, make_generator(0))
+    verify.accept(logits, Tree(1, Proposal.chain([2, 3], q)), cfg, q, make_generator(0))
+    assert [p for p, _ in seen] == [torch.float32, torch.float32] and seen[1][1].dtype == torch.float32
