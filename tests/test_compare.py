@@ -281,14 +281,17 @@ def test_speed_is_judged_only_between_runs_of_one_runtime():
     assert legacy["runtime"] == "hf" and "not gated" in _cells(ref_doc, [legacy])["speedup"].reason
 
 
-def test_a_claim_between_runs_of_two_runtimes_is_not_checked(tmp_path, capsys):
+def test_a_tau_claim_spans_runtimes_and_a_speed_claim_does_not(tmp_path, capsys):
     d = _claim_dir(tmp_path, EAGLE_CPU10, dict(EAGLE2_AT, total_tokens=11))
     doc = json.loads((d / "eagle2.json").read_text())
     doc["config"]["runtime"] = "fast"
     write(d / "eagle2.json", doc)
     rc, out, err = run_cli([str(d), "--baseline", str(CLAIMS_FILE)], capsys)
     assert rc == 0, err
-    assert "VIOLATED" not in out and "other runtimes (fast vs hf)" in " ".join(out.split())
+    assert "VIOLATED on mt_bench T=0: 2.000 vs 3.000" in out  # tau: the runtime does not matter
+    speed = {"id": "eagle2_faster", "better": "eagle2", "worse": "eagle", "metric": "speedup"}
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [speed])
+    assert not cr["checked"] and "other runtimes (fast vs hf)" in cr["reason"]
 
 
 def _claim_dir(tmp_path, eagle_params, eagle2_params, eagle2_tokens=24) -> Path:

@@ -19,12 +19,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 class FakeEvent:
     """A CUDA event stand-in: records the host clock; elapsed_time in milliseconds, as CUDA's."""
 
+    streams: list = []
+
     def __init__(self, enable_timing=False):
         self.t = None
 
-    def record(self):
+    def record(self, stream=None):
         import time
 
+        FakeEvent.streams.append(stream)
         self.t = time.perf_counter()
 
     def elapsed_time(self, other):
@@ -36,14 +39,19 @@ def fake_cuda(monkeypatch):
     syncs = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    FakeEvent.streams = []
     return syncs
 
 
 @pytest.mark.parametrize("timing,per_phase", [("sync", True), ("step", False)])
 def test_sync_mode_waits_at_every_phase_and_step_mode_once(fake_cuda, timing, per_phase):
-    clock = loop_mod._Clock(types.SimpleNamespace(type="cuda"), timing)
+    device = types.SimpleNamespace(type="cuda", index=1)
+    clock = loop_mod._Clock(device, timing)
     marks = [clock.mark() for _ in range(12)]  # three steps' worth of phase boundaries
     assert len(fake_cuda) == (12 if per_phase else 0)
+    # events go on the target's device's stream, not the current device's (a worker pinned to cuda:1)
+    assert FakeEvent.streams == ([] if per_phase else [("stream of", device)] * 12)
     clock.resolve()
     assert len(fake_cuda) == (12 if per_phase else 1)
     spans = [clock.between(a, b) for a, b in zip(marks, marks[1:])]

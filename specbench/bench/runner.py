@@ -189,7 +189,7 @@ def default_out(plan: Plan) -> Path:
     # The settings a resume checks (the path's spelling is not one), plus what only the load would show.
     settings = {k: v for k, v in _flat(plan.settings).items() if k not in _SPELLING_KEYS and k != "prompt_ids"}
     identity = {"settings": settings, "target": cfg.target, "dtype": cfg.dtype, "device": cfg.device,
-                "runtime": cfg.runtime}
+                "runtime": cfg.runtime, "device_map": cfg.device_map}
     digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())[:6]
     dataset = plan.settings["dataset"].replace("/", "_")
     n = cfg.limit if cfg.limit is not None else "all"
@@ -212,6 +212,9 @@ class Runner:
             plan: Plan | None = None) -> dict:
         if plan is None:
             plan = plan_run(cfg, out, resume)
+        if cfg.runtime != "auto" and cfg.runtime != self.target.runtime_name:
+            raise UsageError(f"the run asks for runtime {cfg.runtime}, the loaded target runs "
+                             f"{self.target.runtime_name}; load it with that runtime (Runner(runtime=...))")
         method, params, sampling, prompts = get_method(cfg.method), plan.params, plan.sampling, plan.prompts
         tok = self.loaded.tokenizer
         first_turns = [_chat_ids(tok, [{"role": "user", "content": p.turns[0]}]) for p in prompts]

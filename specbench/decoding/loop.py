@@ -76,7 +76,7 @@ class _Clock:
         """Record a timestamp; its index for `between`."""
         if self.events:
             e = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            e.record()
+            e.record(torch.cuda.current_stream(self.device))  # this device's stream, not the current device's
             self.marks.append(e)
         else:
             self.marks.append(wall_clock(self.device))
@@ -147,8 +147,8 @@ def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens
             break
         drafter.update(tree, verdict, out)
         phases.append(("draft", t2, clock.mark()))
-    clock.resolve()
     gen.wall_s = wall_clock(dev) - wall0
+    clock.resolve()
     gen.prefill_s = clock.between(start, prefilled)
     for what, a, b in phases:
         if what == "draft":

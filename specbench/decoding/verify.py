@@ -111,10 +111,12 @@ def _walk(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator: torch.
 
 
 def _walk_one(p: torch.Tensor, tree: Tree, q: torch.Tensor | None, generator: torch.Generator | None) -> Verdict:
-    """`_walk` for one draw (the decode loop's B = 1): p, q (n, V). The same walk with the same primitives and
-    the same random stream (all depth x width uniforms, then the final draw), so it returns `_walk`'s verdict
-    for the same generator state; but it visits only the children on the walk, in Python, with a handful of
-    tensor ops per visited child instead of `_walk`'s ~20 per child slot per depth."""
+    """`_walk` for one draw (the decode loop's B = 1): p, q (n, V). The same walk with the same primitives,
+    drawing the same uniforms in the same order (all depth x width of them, then the final draw), so on a CPU
+    generator it returns `_walk`'s verdict for the same generator state (on CUDA one draw of k uniforms is not
+    k draws of one, so the values differ there, not their distribution); but it visits only the children on
+    the walk, in Python, with a handful of tensor ops per visited child instead of `_walk`'s ~20 per child slot
+    per depth."""
     n = p.shape[0]
     if n != len(tree):
         raise ValueError(f"target distributions cover {n} nodes, tree has {len(tree)}")

@@ -90,6 +90,10 @@ def load_prefix_draft(path: str | os.PathLike, model, *, target: str, target_sha
     exactly a `layers`-layer prefix's decoder layers and final norm (names and shapes)."""
     d = Path(path)
     meta = read_checkpoint_config(d).get(PREFIX_DRAFT_KEY)
+    if meta is None:
+        raise CheckpointError(f"{d} is not a specbench prefix draft (its config.json has no {PREFIX_DRAFT_KEY}): a "
+                              "full causal-LM directory drafts with sps --param checkpoint=DIR as it is; to fine-tune "
+                              "from it, train from the target's layers instead")
     if not isinstance(meta, dict) or not isinstance(meta.get("layers"), int):
         raise CheckpointError(f"{d}/config.json: {PREFIX_DRAFT_KEY} must be an object with an integer 'layers'")
     made_for = meta.get("target_sha256")

@@ -185,8 +185,10 @@ class EagleHead(nn.Module):
         B, T = input_ids.shape
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, T)
-        with torch.no_grad():  # the embedding may sit on another device than the head
-            emb = self._embed_tokens(input_ids.to(self._embed_tokens.weight.device)).to(features.device)
+        here = self._lm_head.weight.device  # where the head lives; embedding and features may be elsewhere
+        features = features.to(here)
+        with torch.no_grad():
+            emb = self._embed_tokens(input_ids.to(self._embed_tokens.weight.device)).to(here)
         h = self.fuse(emb.to(features.dtype), features)
         past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         mask = self._mask(attention_mask, B, T, past, h.dtype, h.device)

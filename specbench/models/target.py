@@ -144,14 +144,15 @@ class StepOutput:
 
 
 RUNTIMES = ("hf", "fast")
+AUTO_FAST_MAX_BYTES = 4 << 30  # auto picks fast only below this: its transposed and packed copies triple memory
 
 
 class Target:
     """`runtime`: ``hf`` (transformers' decoder forward, the reference), ``fast``
     (`specbench.models.fast_runtime`, refused with the reason where unsupported) or ``auto`` (fast where
-    supported, else hf); the one chosen is `runtime_name`, which results files record. The fast runtime
-    keeps its own (transposed, packed) copies of the weights, taken here: a model changed afterwards needs a
-    new Target."""
+    supported and the weights are under AUTO_FAST_MAX_BYTES, else hf); the one chosen is `runtime_name`,
+    which results files record. The fast runtime keeps its own (transposed, packed) copies of the weights,
+    taken here: a model changed afterwards needs a new Target."""
 
     def __init__(self, model, tokenizer=None, *, name: str = "", weights_sha256: str = "", runtime: str = "hf"):
         self.model = model
@@ -303,7 +304,8 @@ def _choose_runtime(runtime: str, model, window: int | None) -> str:
     from .fast_runtime import fast_supported
 
     why = fast_supported(model, window)
-    if why is None:
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > AUTO_FAST_MAX_BYTES
+    if why is None and not (runtime == "auto" and big):  # fast keeps ~2 more copies of the weights
         return "fast"
     if runtime == "fast":
         raise ModelError(f"the fast runtime does not support this model ({why}); use --runtime hf")

@@ -42,13 +42,13 @@ def _budget_text(b: dict) -> str:
     return f"{b['tree_nodes']} tree nodes" + (f" (draft_vocab {b['draft_vocab']})" if "draft_vocab" in b else "")
 
 
-def why_not_comparable(a: Run, b: Run, methods: dict) -> str | None:
-    """Why the claim cannot be judged on runs `a` (the claimed better) and `b` (None: it can)."""
+def why_not_comparable(a: Run, b: Run, methods: dict, metric: str = "tau") -> str | None:
+    """Why the claim on `metric` cannot be judged on runs `a` (the claimed better) and `b` (None: it can)."""
     why = []
     if (a.prompt_ids or None) != (b.prompt_ids or None) or not a.prompt_ids:
         why.append(f"other prompts ({len(a.prompt_ids or [])} vs {len(b.prompt_ids or [])})"
                    if a.prompt_ids and b.prompt_ids else "prompt set unknown")
-    if a.runtime != b.runtime:
+    if metric != "tau" and a.runtime != b.runtime:  # tau does not depend on the runtime; speeds do
         why.append(f"other runtimes ({a.runtime} vs {b.runtime})")
     if a.max_new_tokens != b.max_new_tokens:
         why.append(f"other token budgets ({a.max_new_tokens} vs {b.max_new_tokens} new tokens)")
@@ -88,7 +88,7 @@ def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
                 for b in (r for r in rs if r.method == cl["worse"]):
                     methods = _methods() if methods is None else methods
                     va, vb = a.value(cl["metric"]), b.value(cl["metric"])
-                    reason = why_not_comparable(a, b, methods)
+                    reason = why_not_comparable(a, b, methods, cl["metric"])
                     if reason is None and (va is None or vb is None):
                         reason = f"{cl['metric']} not measured"
                     out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
