@@ -56,19 +56,21 @@ def method_row(path: Path) -> dict:
 
 def methods_to_run() -> list[tuple[str, list[str]]]:
     """(method, extra args) for every method that can run on the embedded target without training first."""
-    from specbench.methods import available_methods, catalogue
-    from specbench.methods.head_drafters import CHECKPOINTS_DIR
+    from specbench.methods import available_methods
+    from specbench.methods.head_drafters import default_checkpoint_dir
+    from specbench.models.draft_heads import CheckpointError
+
+    def committed(name: str) -> bool:
+        try:
+            return default_checkpoint_dir(name).is_dir()
+        except (CheckpointError, AttributeError):  # no committed draft, or a method the catalogue does not know
+            return False
 
     out = []
     for name, m in available_methods().items():
         if name == "vanilla":
             continue  # the twin of every other run
-        if not m.needs_checkpoint:
-            out.append((name, []))
-            continue
-        ident = catalogue.identity(name)
-        dc = ident.default_checkpoint if ident else None
-        if dc is not None and (CHECKPOINTS_DIR / dc.name).is_dir():
+        if not m.needs_checkpoint or committed(name):
             out.append((name, []))
         elif name == "sps":
             out.append((name, ["--param", "checkpoint=prefix:4"]))  # the target's own layer prefix

@@ -122,7 +122,8 @@ def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens
     drafter.begin(list(prompt), prefill)
     prefilled = clock.mark()
     seq = list(prompt)
-    phases: list[tuple[str, int, int]] = []  # (draft|verify, from mark, to mark), resolved at the end
+    drafting: list[tuple[int, int]] = []  # (from mark, to mark) spans, resolved into seconds at the end
+    verifying: list[tuple[int, int]] = []
     while len(gen.tokens) < max_new_tokens:
         t0 = clock.mark()
         proposal = drafter.propose(seq)
@@ -142,17 +143,15 @@ def generate(target: Target, drafter: Drafter, prompt: list[int], max_new_tokens
         gen.steps.append(len(emitted))
         gen.tokens += emitted
         seq += emitted
-        phases += [("draft", t0, t1), ("verify", t1, t2)]
+        drafting.append((t0, t1))
+        verifying.append((t1, t2))
         if gen.stop == "eos" or len(gen.tokens) >= max_new_tokens:
             break
         drafter.update(tree, verdict, out)
-        phases.append(("draft", t2, clock.mark()))
+        drafting.append((t2, clock.mark()))
     gen.wall_s = wall_clock(dev) - wall0
     clock.resolve()
     gen.prefill_s = clock.between(start, prefilled)
-    for what, a, b in phases:
-        if what == "draft":
-            gen.draft_s += clock.between(a, b)
-        else:
-            gen.verify_s += clock.between(a, b)
+    gen.draft_s = sum(clock.between(a, b) for a, b in drafting)
+    gen.verify_s = sum(clock.between(a, b) for a, b in verifying)
     return gen

@@ -98,8 +98,8 @@ class _Layer:
 
 class FastDecoder:
     """The decoder of HF causal LM `model` as the fast runtime: `forward` has the hf decoder's contract (the
-    last hidden states, final norm applied) for `Target`. The weights are copies (transposed and packed);
-    the HF model is left as it is."""
+    last hidden states, final norm applied) for `Target`, `logits` the LM head's. The weights are copies
+    (transposed and packed); the HF model is left as it is."""
 
     def __init__(self, model):
         cfg = model.config
@@ -108,12 +108,18 @@ class FastDecoder:
         self.rotary = body.rotary_emb
         self.layers = [_Layer(layer) for layer in body.layers]
         self.norm = body.norm.weight.detach()
+        head = model.get_output_embeddings()
+        self.lm_head = FastLinear(head.weight, getattr(head, "bias", None))
         self.eps = float(cfg.rms_norm_eps)
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.scale = float(body.layers[0].self_attn.scaling)
         self.hidden = int(cfg.hidden_size)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over last hidden states (n, H), with the row-count kernel choice of the projections."""
+        return self.lm_head(hidden)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.hidden,), w, self.eps)

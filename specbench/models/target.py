@@ -176,12 +176,11 @@ class Target:
         self.cache: DynamicCache | None = None
         self.length = 0  # tokens committed to the KV cache
         self.runtime_name = _choose_runtime(runtime, model, self.window)
-        self._fast = self._logits = None
+        self._fast = None
         if self.runtime_name == "fast":
-            from .fast_runtime import FastDecoder, FastLinear
+            from .fast_runtime import FastDecoder
 
             self._fast = FastDecoder(model)
-            self._logits = FastLinear(self.head.weight, getattr(self.head, "bias", None))
 
     @classmethod
     def from_loaded(cls, loaded, runtime: str = "hf") -> Target:
@@ -190,7 +189,7 @@ class Target:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 LM-head logits of last hidden states `hidden` (n, H)."""
-        return (self._logits(hidden) if self._logits is not None else self.head(hidden)).float()
+        return (self._fast.logits(hidden) if self._fast is not None else self.head(hidden)).float()
 
     @property
     def eos_token_ids(self) -> set[int]:
