@@ -22,7 +22,7 @@ import torch
 
 from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
 from ..logs import configure, log_file
-from ..models.draft_heads import DRAFT_VOCAB_FILE, checkpoint_sha256
+from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError, checkpoint_sha256
 from .tasks import Task, add_options, options_from_args
 from .trainer import TrainConfig, train_loop
 
@@ -54,6 +54,23 @@ def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
             "frequent first", "feature_cache": cache.meta.get("key"), "tokens_counted": total,
             "distinct_ids": len(ranked),
             "coverage": {str(n): round(float(top[:n].sum()) / max(total, 1), 4) for n in (2048, 4096, 8192, 16384)}}
+
+
+def init_state(head, given: dict, wanted: dict, source) -> None:
+    """Load the exported state `given` (from checkpoint `source`) into `head` in place, where `wanted` is what
+    `head` itself exports: the same keys and shapes or an error naming the difference (a checkpoint of a
+    smaller configuration, e.g. fewer draft layers, must not initialise only part of the head)."""
+    missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+    shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
+              if k in given and given[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"--init-from {source} does not match the head being trained; "
+                              f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+                              f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, "
+                              f"shape mismatches {shapes[:6]}: start from a checkpoint of the same "
+                              "configuration (layers, variant, draft vocabulary)")
+    # in place over the full state dict: what the task froze (not exported) stays as the head made it
+    head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in given.items()}}, strict=True)
 
 
 def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int = 1000,
@@ -115,8 +132,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     head = task.make_head(model, cache, seed)
     if init_from is not None:
         src = task.load(init_from, model)  # strict: keys, shapes, hidden and vocab sizes
-        head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in task.exported_state(src).items()}},
-                             strict=True)  # in place: what the task froze stays frozen
+        init_state(head, task.exported_state(src), task.exported_state(head), init_from)
         log.info(f"initialised the head from {init_from} (sha256 {init_info['weights_sha256'][:16]}...)")
     res = train_loop(head, cache, task, cfg, Path(work_dir), resume=resume, progress=progress, accelerator=acc,
                      config_fingerprint=fp)
