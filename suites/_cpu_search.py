@@ -11,15 +11,34 @@ import time
 
 import torch
 
+from specbench.artifacts import environment
 from specbench.bench.datasets import DATA_DIR
+from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
 from specbench.decoding import SamplingConfig, generate
 from specbench.methods.base import DrafterBase
 from specbench.models.target import Target
 
-__all__ = ["measure", "mt_bench_prompts", "timed"]
+__all__ = ["ints", "measure", "mt_bench_prompts", "study", "timed"]
 
 QUESTIONS = DATA_DIR / "spec_bench" / "question.jsonl"
 log = logging.getLogger("specbench.suites.cpu_search").info
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated grid axis ("2,3,4")."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def study(out_path, resume: bool, target: Target, max_new: int, fields: dict) -> dict:
+    """The study record a search extends: the file at `out_path` when resuming, else a new one with the
+    environment, the target and the prompt set every search records, then `fields` ("what" first)."""
+    if resume and out_path.exists():
+        return json.loads(out_path.read_text())
+    return {"schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND, "what": fields.pop("what"),
+            **environment("cpu"), "device": "cpu", "dtype": "float32",
+            "target": target.name, "weights_sha256": target.weights_sha256,
+            "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
+            "max_new_tokens": max_new, "stop": "eos", **fields}
 
 
 def mt_bench_prompts(target: Target, k: int) -> list[tuple[str, list[int]]]:

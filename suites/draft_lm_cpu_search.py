@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import sys
@@ -31,10 +30,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _cpu_search import measure, mt_bench_prompts, timed  # suites/ is on sys.path for its scripts
+from _cpu_search import ints, measure, mt_bench_prompts, study, timed  # suites/ is on sys.path for its scripts
 
-from specbench.artifacts import environment, sha256_file, write_json
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
+from specbench.artifacts import sha256_file, write_json
 from specbench.decoding import SamplingConfig
 from specbench.logs import configure
 from specbench.methods.head_drafters import default_checkpoint_dir
@@ -78,31 +76,22 @@ def main(argv=None) -> int:
 
     target = Target.from_loaded(load_model(args.model, dtype="float32", device="cpu"))
     ranking = default_checkpoint_dir("eagle") / DRAFT_VOCAB_FILE
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     grid = list(itertools.product(ints(args.layers), ints(args.draft_vocabs), ints(args.gammas)))
     out_path = Path(args.out)
-    if args.resume and out_path.exists():
-        result = json.loads(out_path.read_text())
-    else:
-        result = {
-            "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
-            "what": "layer-prefix draft LM (untrained) x draft vocabulary x gamma for sps on CPU: tokens/s ratio vs "
-                    "vanilla, same process, greedy, MT-bench turn 1",
-            **environment("cpu"), "device": "cpu", "dtype": "float32",
-            "target": target.name, "weights_sha256": target.weights_sha256,
-            "ranking": str(ranking), "ranking_sha256": sha256_file(ranking),
-            "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
-            "max_new_tokens": args.max_new, "stop": "eos",
-            "definitions": {"layers": "the target's first K decoder layers (+ its final norm and LM head)",
-                            "draft_vocab": "0 = full vocabulary; N = the ranking's first N ids + the sequence's "
-                                           "tokens (q is 0 elsewhere)",
-                            "draft_cost_ratio": "median over prompts of (draft ms per drafted token) / (vanilla ms "
-                                                "per target token)",
-                            "tau": "pooled new tokens / steps (bonus included)",
-                            "speedup_median": "median over prompts of (sps tok/s) / (vanilla tok/s), vanilla run "
-                                              "right before sps on the same prompt",
-                            "loadavg_1min": "machine load when the setting started (a shared 2-core machine)"},
-            "settings": [], "commands": []}
+    result = study(out_path, args.resume, target, args.max_new, {
+        "what": "layer-prefix draft LM (untrained) x draft vocabulary x gamma for sps on CPU: tokens/s ratio vs "
+                "vanilla, same process, greedy, MT-bench turn 1",
+        "ranking": str(ranking), "ranking_sha256": sha256_file(ranking),
+        "definitions": {"layers": "the target's first K decoder layers (+ its final norm and LM head)",
+                        "draft_vocab": "0 = full vocabulary; N = the ranking's first N ids + the sequence's "
+                                       "tokens (q is 0 elsewhere)",
+                        "draft_cost_ratio": "median over prompts of (draft ms per drafted token) / (vanilla ms "
+                                            "per target token)",
+                        "tau": "pooled new tokens / steps (bonus included)",
+                        "speedup_median": "median over prompts of (sps tok/s) / (vanilla tok/s), vanilla run "
+                                          "right before sps on the same prompt",
+                        "loadavg_1min": "machine load when the setting started (a shared 2-core machine)"},
+        "settings": [], "commands": []})
     given = sys.argv[1:] if argv is None else argv
     result["commands"].append("python suites/draft_lm_cpu_search.py " + " ".join(given))
     prompts = mt_bench_prompts(target, args.prompts)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import sys
@@ -34,10 +33,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _cpu_search import measure, mt_bench_prompts, timed  # suites/ is on sys.path for its scripts
+from _cpu_search import ints, measure, mt_bench_prompts, study, timed  # suites/ is on sys.path for its scripts
 
-from specbench.artifacts import environment, write_json
-from specbench.bench.results import STUDY_KIND, STUDY_SCHEMA_VERSION
+from specbench.artifacts import write_json
 from specbench.logs import configure
 from specbench.methods.base import DrafterBase
 from specbench.methods.head_drafters import (
@@ -76,35 +74,26 @@ def main(argv=None) -> int:
     target = Target.from_loaded(load_model(args.model, dtype="float32", device="cpu"))
     ckpt = args.checkpoint or str(default_checkpoint_dir("eagle2"))
     head = resolve_head("eagle2", target, args.checkpoint)
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     grid = list(itertools.product(ints(args.depths), ints(args.total_tokens), ints(args.top_ks),
                                   ints(args.draft_vocabs)))
     out_path = Path(args.out)
-    if args.resume and out_path.exists():
-        result = json.loads(out_path.read_text())
-    else:
-        result = {
-            "schema_version": STUDY_SCHEMA_VERSION, "kind": STUDY_KIND,
-            "what": "EAGLE-2 (depth, total_tokens) search on CPU like HASS Table 9: tokens/s ratio vs vanilla, "
-                    "same process, greedy, MT-bench turn 1",
-            **environment("cpu"), "device": "cpu", "dtype": "float32",
-            "target": target.name, "weights_sha256": target.weights_sha256,
-            "checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt),
-            "dataset": "mt_bench (Spec-Bench question.jsonl, turn 1, chat template)",
-            "max_new_tokens": args.max_new, "stop": "eos",
-            "grid": {"depth": ints(args.depths), "total_tokens": ints(args.total_tokens), "top_k": ints(args.top_ks),
-                     "draft_vocab": ints(args.draft_vocabs)},
-            "definitions": {"depth": "draft levels (paper's depth; official code --depth + 1)",
-                            "total_tokens": "tree nodes incl. the root (official --total-token)",
-                            "draft_vocab": "0 = full vocabulary; N = first N token ids + every token of the "
-                                           "sequence so far (draft candidates only; lossless either way)",
-                            "tau": "pooled new tokens / steps (bonus included)",
-                            "speedup_median": "median over prompts of (eagle2 tok/s) / (vanilla tok/s), vanilla run "
-                                              "right before eagle2 on the same prompt",
-                            "speedup_pooled": "total vanilla time / total eagle2 time (per-token weighted)",
-                            "cpu_time_speedup_median": "as speedup_median on process CPU time",
-                            "loadavg_1min": "machine load when the setting started (a shared 2-core machine)"},
-            "settings": [], "eagle_reference": []}
+    result = study(out_path, args.resume, target, args.max_new, {
+        "what": "EAGLE-2 (depth, total_tokens) search on CPU like HASS Table 9: tokens/s ratio vs vanilla, "
+                "same process, greedy, MT-bench turn 1",
+        "checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt),
+        "grid": {"depth": ints(args.depths), "total_tokens": ints(args.total_tokens), "top_k": ints(args.top_ks),
+                 "draft_vocab": ints(args.draft_vocabs)},
+        "definitions": {"depth": "draft levels (paper's depth; official code --depth + 1)",
+                        "total_tokens": "tree nodes incl. the root (official --total-token)",
+                        "draft_vocab": "0 = full vocabulary; N = first N token ids + every token of the "
+                                       "sequence so far (draft candidates only; lossless either way)",
+                        "tau": "pooled new tokens / steps (bonus included)",
+                        "speedup_median": "median over prompts of (eagle2 tok/s) / (vanilla tok/s), vanilla run "
+                                          "right before eagle2 on the same prompt",
+                        "speedup_pooled": "total vanilla time / total eagle2 time (per-token weighted)",
+                        "cpu_time_speedup_median": "as speedup_median on process CPU time",
+                        "loadavg_1min": "machine load when the setting started (a shared 2-core machine)"},
+        "settings": [], "eagle_reference": []})
     if result.get("checkpoint_sha256") != checkpoint_sha256(ckpt):
         raise SystemExit(f"{out_path} was measured with another head; use another --out or drop --resume")
     for key, vals in (("depth", ints(args.depths)), ("total_tokens", ints(args.total_tokens)),
