@@ -96,3 +96,40 @@ def test_unsupported_models_are_refused_or_left_to_hf():
     assert Target(tiny_llama().model, runtime="auto").runtime_name == "fast"
     with pytest.raises(ModelError, match="unknown runtime 'gpu'"):
         Target(tiny_llama().model, runtime="gpu")
+
+
+def _head_script(forward, head, kv) -> list[torch.Tensor]:
+    """The head calls a tree drafter makes: a causal prefill, a tree level under a bool mask, a causal commit
+    after rolling the drafted slots back."""
+    g = torch.Generator().manual_seed(1)
+    H = head.hidden_size
+    ids, feats = torch.randint(0, head.vocab_size, (12,), generator=g), torch.randn(12, H, generator=g)
+    out = [forward(ids[None, :9], feats[None, :9], torch.arange(9)[None], past_key_values=kv)]
+    level = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # rows 1 and 2 are row 0's children
+    mask = torch.cat([torch.ones(3, 9, dtype=torch.bool), level], 1)[None, None]
+    out.append(forward(ids[None, 9:], feats[None, 9:], torch.tensor([[9, 10, 10]]), attention_mask=mask,
+                       past_key_values=kv))
+    kv.layers[0].truncate(9)
+    out.append(forward(ids[None, 9:11], feats[None, 9:11], torch.arange(9, 11)[None], past_key_values=kv))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_eagle_heads_fast_forward_matches_its_forward(family):
+    """A tree drafter on the fast runtime drafts with `EagleHead.fast()`: the head's function to rounding, on
+    every kind of call; FSPAD's head, whose layer differs, keeps its own forward."""
+    from specbench.models.eagle_head import EagleHead
+    from specbench.models.fspad_head import FspadHead
+    from specbench.models.target import buffer_cache
+
+    target = Target(MODELS[family](), runtime="fast")
+    head = EagleHead.for_target(target).eval()
+    with torch.inference_mode():
+        ref = _head_script(head, head, buffer_cache())
+    got = _head_script(head.fast(), head, buffer_cache())
+    for i, (a, b) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m, i=i: f"call {i}: {m}")
+    assert FspadHead.for_target(target).fast() is None
+    drafter = get_method("eagle2").drafter(target, SamplingConfig(), None,
+                                           **get_method("eagle2").params({"checkpoint": head}))
+    assert drafter.run_head is not drafter.head  # ... and the eagle2 drafter uses it on this runtime

@@ -17,7 +17,8 @@ __all__ = ["EAGLE", "EAGLE2"]
 
 def _eagle_drafter(target, sampling, generator, checkpoint: Any = "", tree: Any = "mc_sim_7b_63",
                    draft_vocab: int = 0) -> StaticTreeDrafter:
-    return StaticTreeDrafter(resolve_head("eagle", target, checkpoint), parse_tree(tree), draft_vocab=int(draft_vocab))
+    return StaticTreeDrafter(resolve_head("eagle", target, checkpoint), parse_tree(tree), draft_vocab=int(draft_vocab),
+                             runtime=getattr(target, "runtime_name", "hf"))
 
 
 _train = train_command("specbench.training.eagle")

@@ -175,9 +175,13 @@ def _load_cached(d: Path, target, arch: str | None) -> LoadedHead:
 class _HeadDrafter(DrafterBase):
     """Shared state: the head, its committed KV cache, the root's predicted feature."""
 
-    def __init__(self, head: LoadedHead | torch.nn.Module, draft_vocab: int = 0):
+    def __init__(self, head: LoadedHead | torch.nn.Module, draft_vocab: int = 0, runtime: str = "hf"):
         self.loaded = head if isinstance(head, LoadedHead) else LoadedHead(head, "eagle")
         self.head = head = self.loaded.head
+        # The head runs on the target's runtime: its fast kernels where the target's forwards use them (a
+        # head without a fast forward keeps its own); one runtime per run, as for vanilla.
+        fast = getattr(head, "fast", None) if runtime == "fast" else None
+        self.run_head = (fast() if fast is not None else None) or head
         w = head.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         self.draft_vocab = int(draft_vocab)
@@ -227,7 +231,7 @@ class _HeadDrafter(DrafterBase):
         n = len(tokens)
         ids = torch.tensor(tokens, device=self.device)[None]
         pos = torch.arange(self.committed, self.committed + n, device=self.device)[None]
-        out = self.head(ids, feats.to(self.dtype)[None], pos, past_key_values=self.kv)
+        out = self.run_head(ids, feats.to(self.dtype)[None], pos, past_key_values=self.kv)
         self.committed += n
         self.root_feature = out[0, -1]
 
@@ -263,7 +267,7 @@ class _HeadDrafter(DrafterBase):
         self._anc = anc
         mask = torch.cat([torch.ones(n, C, dtype=torch.bool, device=self.device), rows], 1)[None, None]
         pos = torch.full((1, n), C + depth - 1, device=self.device)
-        out = self.head(tokens[None], feats[None], pos, attention_mask=mask, past_key_values=self.kv)
+        out = self.run_head(tokens[None], feats[None], pos, attention_mask=mask, past_key_values=self.kv)
         return out[0], S + ar
 
 
@@ -293,8 +297,9 @@ def parse_tree(tree: Any) -> list[list[int]]:
 class StaticTreeDrafter(_HeadDrafter):
     """EAGLE-1's static tree of child ranks, each node's children = its top-k by rank."""
 
-    def __init__(self, head: LoadedHead | torch.nn.Module, tree: Sequence[Sequence[int]], draft_vocab: int = 0):
-        super().__init__(head, draft_vocab)
+    def __init__(self, head: LoadedHead | torch.nn.Module, tree: Sequence[Sequence[int]], draft_vocab: int = 0,
+                 runtime: str = "hf"):
+        super().__init__(head, draft_vocab, runtime)
         paths = parse_tree(list(map(list, tree)))
         index = {(): 0}
         self.parents: list[int] = []
@@ -353,8 +358,8 @@ class DynamicTreeDrafter(_HeadDrafter):
     """EAGLE-2's dynamic tree by cumulative draft log-prob (expand top_k per level, rerank, keep total_tokens)."""
 
     def __init__(self, head: LoadedHead | torch.nn.Module, depth: int, top_k: int, total_tokens: int,
-                 draft_vocab: int = 0):
-        super().__init__(head, draft_vocab)
+                 draft_vocab: int = 0, runtime: str = "hf"):
+        super().__init__(head, draft_vocab, runtime)
         if depth < 1 or top_k < 1 or total_tokens < 1:
             raise UsageError("the dynamic tree needs depth >= 1, top_k >= 1 and total_tokens >= 1")
         self.depth, self.top_k, self.total_tokens = int(depth), int(top_k), int(total_tokens)
@@ -429,7 +434,8 @@ def dynamic_tree_method(name: str, description: str, train) -> Method:
     def drafter(target, sampling, generator, **params: Any) -> DynamicTreeDrafter:
         p = {**DYNAMIC_TREE_DEFAULTS, **params}  # Method.params has checked the names
         return DynamicTreeDrafter(resolve_head(name, target, p["checkpoint"]), int(p["depth"]), int(p["top_k"]),
-                                  int(p["total_tokens"]), draft_vocab=int(p["draft_vocab"]))
+                                  int(p["total_tokens"]), draft_vocab=int(p["draft_vocab"]),
+                                  runtime=getattr(target, "runtime_name", "hf"))
 
     return Method(name, description, drafter, train=train, defaults=dict(DYNAMIC_TREE_DEFAULTS),
                   draft_budget=lambda p: {"tree_nodes": int(p["total_tokens"]), "draft_vocab": int(p["draft_vocab"])})

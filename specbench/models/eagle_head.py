@@ -224,12 +224,52 @@ class EagleHead(nn.Module):
         """... and is fed to the next draft depth."""
         return out
 
+    def fast(self) -> _FastEagleHead | None:
+        """This head's forward on the fast runtime's kernels for decoding (batch 1, no gradients), or None
+        where a subclass changes `fuse` or `decode` (it drafts with `forward`). Its weights are copies taken
+        now: a head trained afterwards needs a new one."""
+        if type(self).fuse is not EagleHead.fuse or type(self).decode is not EagleHead.decode:
+            return None
+        return _FastEagleHead(self)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """fc.* and layers.0.* (EAGLE checkpoint key names); no embedding, no LM head."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("fc.", "layers.0."))}
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+
+
+class _FastEagleHead:
+    """`EagleHead.forward` for one sequence over `fast_runtime`'s kernels: the same function up to float
+    rounding (fc and the layer's projections as `FastLinear`, the layer as `FastLayer`), the head's own mask
+    rule, rotary module and embedding. `past_key_values` is required (its first layer is appended to)."""
+
+    def __init__(self, head: EagleHead):
+        from .fast_runtime import FastLayer, FastLinear
+
+        self.head = head
+        self.fc = FastLinear(head.fc.weight, head.fc.bias)
+        self.layer = FastLayer(head.layers[0], head.config)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
+        from .fast_runtime import past_length, rope
+
+        if past_key_values is None:
+            raise ValueError("the fast head forward appends to a KV cache: pass past_key_values")
+        head, ids = self.head, input_ids.reshape(-1)
+        T = ids.shape[0]
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError("the fast head forward takes one sequence (batch 1)")
+        feats = features.reshape(T, -1)
+        h = self.fc(torch.cat((head.embed_tokens(ids).to(feats.dtype), feats), dim=-1))
+        cache_layer = past_key_values.layers[0]
+        past = past_length(cache_layer)
+        mask = self.layer.attention_mask(head._mask(attention_mask, 1, T, past, h.dtype, h.device), T, past, h.dtype)
+        cos, sin = rope(head.rotary_emb, h, position_ids.reshape(-1))
+        return self.layer(h, cos, sin, mask, cache_layer)[None]
 
 
 # ------------------------------------------------------------------ the architecture record

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastDecoder", "FastLinear", "fast_supported"]
+__all__ = ["FastDecoder", "FastLayer", "FastLinear", "fast_supported", "past_length", "rope"]
 
 _FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -82,8 +82,12 @@ def _cat_bias(*mods) -> torch.Tensor | None:
                       for b, m in zip(biases, mods)])
 
 
-class _Layer:
-    def __init__(self, layer):
+class FastLayer:
+    """One Llama-family decoder layer of an HF model on the fast kernels; `__call__` maps (q, H) hidden states
+    to (q, H), appending its keys and values to a cache layer. An `nn.Identity` input norm (an EAGLE-style
+    draft layer's) is skipped."""
+
+    def __init__(self, layer, config):
         a, m = layer.self_attn, layer.mlp
         self.qkv = FastLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
                               _cat_bias(a.q_proj, a.k_proj, a.v_proj))
@@ -91,9 +95,63 @@ class _Layer:
         self.gate_up = FastLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
                                   _cat_bias(m.gate_proj, m.up_proj))
         self.down = FastLinear(m.down_proj.weight, m.down_proj.bias)
-        self.ln_in = layer.input_layernorm.weight.detach()
+        norm = getattr(layer.input_layernorm, "weight", None)
+        self.ln_in = None if norm is None else norm.detach()
         self.ln_post = layer.post_attention_layernorm.weight.detach()
         self.intermediate = m.gate_proj.weight.shape[0]
+        self.eps = float(config.rms_norm_eps)
+        self.hidden = int(config.hidden_size)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        self.scale = float(a.scaling)
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden,), w, self.eps)
+
+    def attention_mask(self, mask: torch.Tensor | None, q: int, past: int, dtype) -> torch.Tensor | None:
+        """The additive mask this layer's attention takes, from the caller's ((1, 1, q, past + q) additive;
+        None: causal among the q new rows, everything cached visible); computed once per forward."""
+        if mask is None and q > 1:
+            allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        group = self.n_heads // self.n_kv
+        if mask is not None and group > 1:  # the query rows of a kv group are stacked: the mask once per head
+            mask = mask.expand(1, group, q, mask.shape[-1]).reshape(1, 1, group * q, mask.shape[-1])
+        return mask
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 cache_layer) -> torch.Tensor:
+        """x (q, H); cos/sin (q, 1, d) from the model's rotary module; `mask` from `attention_mask`."""
+        q = x.shape[0]
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        half, group = d // 2, nh // nkv
+        qkv = self.qkv(x if self.ln_in is None else self.norm(x, self.ln_in))
+        qk = qkv[:, :(nh + nkv) * d].view(q, nh + nkv, d)
+        rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        qk = qk * cos + rot * sin
+        # Grouped-query attention as plain attention: the `group` query heads sharing a kv head (heads
+        # j*group .. (j+1)*group-1, as transformers' repeat_kv pairs them) become group*q query rows of
+        # that kv head, so the keys are read once and never repeated.
+        qh = qk[:, :nh].transpose(0, 1).reshape(1, nkv, group * q, d)
+        kh = qk[:, nh:].transpose(0, 1)[None]  # (1, nkv, q, d)
+        vh = qkv[:, (nh + nkv) * d:].view(q, nkv, d).transpose(0, 1)[None]
+        keys, values = cache_layer.update(kh, vh)
+        att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
+        x = x + self.o(att.view(nh, q, d).transpose(0, 1).reshape(q, nh * d))
+        gu = self.gate_up(self.norm(x, self.ln_post))
+        return x + self.down(F.silu(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
+
+
+def rope(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (q, 1, d) over heads for rows `x` (q, H) at `positions` (q,), from the model's own rotary
+    module (any rope type)."""
+    cos, sin = rotary(x[None], positions[None])
+    return cos[0, :, None, :], sin[0, :, None, :]
+
+
+def past_length(cache_layer) -> int:
+    return cache_layer.get_seq_length() if cache_layer.is_initialized else 0
 
 
 class FastDecoder:
@@ -106,56 +164,23 @@ class FastDecoder:
         body = model.get_decoder()
         self.embed = body.embed_tokens
         self.rotary = body.rotary_emb
-        self.layers = [_Layer(layer) for layer in body.layers]
+        self.layers = [FastLayer(layer, cfg) for layer in body.layers]
         self.norm = body.norm.weight.detach()
         head = model.get_output_embeddings()
         self.lm_head = FastLinear(head.weight, getattr(head, "bias", None))
-        self.eps = float(cfg.rms_norm_eps)
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
-        self.scale = float(body.layers[0].self_attn.scaling)
-        self.hidden = int(cfg.hidden_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over last hidden states (n, H), with the row-count kernel choice of the projections."""
         return self.lm_head(hidden)
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden,), w, self.eps)
-
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         """(q, H) last hidden states of `ids` (q,) at `positions` (q,), attending to `cache` (appended to) and,
         among themselves, by `mask` ((1, 1, q, past + q) additive; None: causal)."""
-        q = ids.shape[0]
         x = self.embed(ids)
-        cos, sin = self.rotary(x[None], positions[None])  # (1, q, d): the model's own rope (any rope type)
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (q, 1, d) over heads
-        past = cache.layers[0].get_seq_length() if cache.layers[0].is_initialized else 0
-        if mask is None and q > 1:  # causal among the new tokens, everything cached visible
-            allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
-            mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
-            mask = mask[None, None]
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        half, group = d // 2, nh // nkv
-        if mask is not None and group > 1:  # the query rows of a kv group are stacked: the mask once per head
-            mask = mask.expand(1, group, q, mask.shape[-1]).reshape(1, 1, group * q, mask.shape[-1])
-        for i, lay in enumerate(self.layers):
-            h = self._norm(x, lay.ln_in)
-            qkv = lay.qkv(h)
-            qk = qkv[:, :(nh + nkv) * d].view(q, nh + nkv, d)
-            rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rot * sin
-            # Grouped-query attention as plain attention: the `group` query heads sharing a kv head (heads
-            # j*group .. (j+1)*group-1, as transformers' repeat_kv pairs them) become group*q query rows of
-            # that kv head, so the keys are read once and never repeated.
-            qh = qk[:, :nh].transpose(0, 1).reshape(1, nkv, group * q, d)
-            kh = qk[:, nh:].transpose(0, 1)[None]  # (1, nkv, q, d)
-            vh = qkv[:, (nh + nkv) * d:].view(q, nkv, d).transpose(0, 1)[None]
-            keys, values = cache.layers[i].update(kh, vh)
-            att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
-            x = x + lay.o(att.view(nh, q, d).transpose(0, 1).reshape(q, nh * d))
-            gu = lay.gate_up(self._norm(x, lay.ln_post))
-            x = x + lay.down(F.silu(gu[:, :lay.intermediate]) * gu[:, lay.intermediate:])
-        return self._norm(x, self.norm)
+        cos, sin = rope(self.rotary, x, positions)
+        first = self.layers[0]
+        mask = first.attention_mask(mask, ids.shape[0], past_length(cache.layers[0]), x.dtype)
+        for lay, cache_layer in zip(self.layers, cache.layers):
+            x = lay(x, cos, sin, mask, cache_layer)
+        return first.norm(x, self.norm)
