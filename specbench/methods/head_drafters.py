@@ -180,8 +180,8 @@ class _HeadDrafter(DrafterBase):
         self.head = head = self.loaded.head
         # The head runs on the target's runtime: its fast kernels where the target's forwards use them (a
         # head without a fast forward keeps its own); one runtime per run, as for vanilla.
-        fast = getattr(head, "fast", None) if runtime == "fast" else None
-        self.run_head = (fast() if fast is not None else None) or head
+        fast = head.fast() if runtime == "fast" and hasattr(head, "fast") else None
+        self.run_head = fast or head
         w = head.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         self.draft_vocab = int(draft_vocab)

@@ -43,6 +43,7 @@ __all__ = [
     "load_head",
     "read_checkpoint_config",
     "read_weights",
+    "state_mismatch",
     "register_head",
     "save_head",
     "target_name",
@@ -212,6 +213,16 @@ def read_weights(f: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{f} is not a flat state dict of tensors")
     return sd
+
+
+def state_mismatch(given: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps state dict `given` from loading where `wanted` is expected: missing and unexpected keys
+    and shape mismatches, one phrase each (empty when it fits)."""
+    missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+    bad = sorted(k for k in set(wanted) & set(given) if tuple(given[k].shape) != tuple(wanted[k].shape))
+    parts = [f"missing key(s): {', '.join(missing)}"] if missing else []
+    parts += [f"unexpected key(s): {', '.join(unexpected)}"] if unexpected else []
+    return parts + [f"{k}: shape {tuple(given[k].shape)} vs {tuple(wanted[k].shape)}" for k in bad]
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_path, write_text
-from .draft_heads import CheckpointError, read_checkpoint_config, read_weights, weights_file
+from .draft_heads import CheckpointError, read_checkpoint_config, read_weights, state_mismatch, weights_file
 
 __all__ = ["PREFIX_DRAFT_KEY", "TRAINED", "is_prefix_draft", "layer_prefix_draft", "load_prefix_draft",
            "prefix_draft_state", "save_prefix_draft"]
@@ -108,12 +108,8 @@ def load_prefix_draft(path: str | os.PathLike, model, *, target: str, target_sha
     wfile = weights_file(d)
     sd = read_weights(wfile)
     own = prefix_draft_state(lm)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [k for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        parts = [f"missing key(s): {', '.join(missing)}"] if missing else []
-        parts += [f"unexpected key(s): {', '.join(unexpected)}"] if unexpected else []
-        parts += [f"{k}: shape {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(bad)]
+    parts = state_mismatch(sd, own)
+    if parts:
         raise CheckpointError(f"{wfile} is not a {meta['layers']}-layer prefix draft of {target}: " + "; ".join(parts))
     with torch.no_grad():
         for k, v in lm.state_dict().items():

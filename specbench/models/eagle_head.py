@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .draft_heads import CheckpointError, HeadArch, target_name, target_parts
+from .fast_runtime import FastLayer, FastLinear, past_length, rope
 from .hf_compat import cache_kwargs
 
 __all__ = ["EAGLE_ARCH", "EagleHead", "head_config", "head_from_config"]
@@ -246,8 +247,6 @@ class _FastEagleHead:
     rule, rotary module and embedding. `past_key_values` is required (its first layer is appended to)."""
 
     def __init__(self, head: EagleHead):
-        from .fast_runtime import FastLayer, FastLinear
-
         self.head = head
         self.fc = FastLinear(head.fc.weight, head.fc.bias)
         self.layer = FastLayer(head.layers[0], head.config)
@@ -255,14 +254,12 @@ class _FastEagleHead:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
-        from .fast_runtime import past_length, rope
-
         if past_key_values is None:
             raise ValueError("the fast head forward appends to a KV cache: pass past_key_values")
-        head, ids = self.head, input_ids.reshape(-1)
-        T = ids.shape[0]
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:
             raise ValueError("the fast head forward takes one sequence (batch 1)")
+        head, ids = self.head, input_ids.reshape(-1)
+        T = ids.shape[0]
         feats = features.reshape(T, -1)
         h = self.fc(torch.cat((head.embed_tokens(ids).to(feats.dtype), feats), dim=-1))
         cache_layer = past_key_values.layers[0]

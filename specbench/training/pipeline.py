@@ -22,7 +22,7 @@ import torch
 
 from ..artifacts import check_writable, environment, sha256_file, sha256_json, write_json
 from ..logs import configure, log_file
-from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError, checkpoint_sha256
+from ..models.draft_heads import DRAFT_VOCAB_FILE, CheckpointError, checkpoint_sha256, state_mismatch
 from .tasks import Task, add_options, options_from_args
 from .trainer import TrainConfig, train_loop
 
@@ -60,15 +60,11 @@ def init_state(head, given: dict, wanted: dict, source) -> None:
     """Load the exported state `given` (from checkpoint `source`) into `head` in place, where `wanted` is what
     `head` itself exports: the same keys and shapes or an error naming the difference (a checkpoint of a
     smaller configuration, e.g. fewer draft layers, must not initialise only part of the head)."""
-    missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
-    shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
-              if k in given and given[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"--init-from {source} does not match the head being trained; "
-                              f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-                              f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, "
-                              f"shape mismatches {shapes[:6]}: start from a checkpoint of the same "
-                              "configuration (layers, variant, draft vocabulary)")
+    parts = state_mismatch(given, wanted)
+    if parts:
+        raise CheckpointError(f"--init-from {source} does not match the head being trained: " + "; ".join(parts)
+                              + "; start from a checkpoint of the same configuration (layers, variant, draft "
+                              "vocabulary)")
     # in place over the full state dict: what the task froze (not exported) stays as the head made it
     head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in given.items()}}, strict=True)
 
