@@ -96,6 +96,12 @@ def cmd_train(args) -> int:
     return method.train(args.train_args)
 
 
+def cmd_distill(args) -> int:
+    from .training.corpus import main as distill_main
+
+    return distill_main(args.train_args)
+
+
 def cmd_models(args) -> int:
     from .models import load_model
 
@@ -151,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", required=True)
     t.set_defaults(func=cmd_train)
 
+    d = sub.add_parser("distill", help="generate a distillation corpus: the target's answers to training "
+                                       "conversations, as token ids (`specbench distill --help`)", add_help=False)
+    d.set_defaults(func=cmd_distill)
+
     lst = sub.add_parser("list", help="methods, datasets and embedded models")
     lst.set_defaults(func=cmd_list)
 
@@ -168,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "distill"):  # their own parsers take the rest
         args.train_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -373,7 +373,7 @@ def _training_flag(method: str, key: str, value: str) -> str | None:
         default = getattr(HassOptions(), field)
         return "" if type(default)(value) == default else f"--{field.replace('_', '-')} {value}"
     if key == "data":
-        return {"fixed": "", "model_generated": "--self-distill"}.get(value)
+        return {"fixed": "", "model_generated": "--corpus CORPUS (made by `specbench distill`)"}.get(value)
     return None
 
 

@@ -190,7 +190,7 @@ def test_paper_ablations_map_to_training_options():
     assert params("data=fixed,depth=5,total_tokens=40") == {"depth": 5, "total_tokens": 40}
     for setting, says in [("topk_k=5,topk_w=1.0", "specbench train --method hass --topk 5`"),
                           ("align_steps=5", "--forward-num-total 5"),
-                          ("data=model_generated,depth=6,total_tokens=60", "--self-distill"),
+                          ("data=model_generated,depth=6,total_tokens=60", "--corpus CORPUS"),
                           ("loss=bild", "an ablated algorithm or data this suite does not implement")]:
         with pytest.raises(pytest.skip.Exception, match=says.replace("(", "\\(")):
             params(setting)

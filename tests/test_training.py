@@ -11,6 +11,7 @@ import torch
 
 from specbench.training.features import FeatureCache, prepare_features, target_hidden_states
 from specbench.training.sharegpt import (
+    DataError,
     ReadStats,
     format_conversation,
     is_contaminated,
@@ -311,57 +312,125 @@ def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_
     assert man["draft_vocab"]["tokens_counted"] == sum(counts.values())
 
 
-def test_self_distillation_regenerates_assistant_turns(tiny, tmp_path):
-    from specbench.training.features import regenerate_conversations
+def _corpus(tiny, data, out, **kw):
+    from specbench.training.corpus import build_corpus
 
-    convs = [("a", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
-                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "old"}]),
-             ("b", [{"role": "user", "content": "why?"}, {"role": "assistant", "content": "old"}])]
-    out = regenerate_conversations(tiny.model, tiny.tokenizer, convs, out_dir=tmp_path, max_tokens=200,
-                                   batch_size=2, max_new_tokens=6, progress=False)
-    assert [c[0] for c in out] == ["a", "b"]
-    a = out[0][1]
-    assert [m["role"] for m in a] == ["user", "assistant", "user", "assistant"]
-    assert a[0]["content"] == "hi" and a[2]["content"] == "more"
-    assert all(m["content"] != "old" for m in a if m["role"] == "assistant")
-    # resumable: a second call regenerates nothing
-    again = regenerate_conversations(None, tiny.tokenizer, convs, out_dir=tmp_path, progress=False)
-    assert again == out
+    args = {"max_conversations": 5, "max_tokens": 120, "batch_size": 2, "max_new_tokens": 6, "progress": False,
+            "command": "test"} | kw
+    return build_corpus(tiny, out, data=str(data), **args)
 
 
-def test_self_distillation_assigns_settings_round_robin(tiny, tmp_path):
-    import json
+def test_distill_corpus_regenerates_answers_as_token_ids_and_resumes(tiny, sharegpt_file, tmp_path, monkeypatch):
+    """`specbench distill`'s corpus: every assistant turn is the target's, the stored ids and mask are the
+    formatted conversation's, a second run generates nothing, and a batch cut by a kill is generated again
+    so that the corpus equals an uninterrupted one."""
+    import gzip
 
-    from specbench.training.features import parse_distill_settings, regenerate_conversations
+    from specbench.training.corpus import CORPUS_FILE, load_corpus
+    from specbench.training.sharegpt import load_conversations
 
-    convs = [(f"c{i}", [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": "old"}])
-             for i in range(5)]
-    settings = parse_distill_settings("0:1, 1.0:0.9")
+    man = _corpus(tiny, sharegpt_file, tmp_path / "c")
+    assert man["complete"] and man["conversations_done"] == 5 and man["spec"]["conversations"] == 5
+    cp = load_corpus(tmp_path / "c", target_sha256=tiny.weights_sha256)
+    src = dict(load_conversations(str(sharegpt_file), limit=5))
+    assert len(cp.records) >= 4 and all(r.id in src for r in cp.records)
+    assert [r.index for r in cp.records] == sorted(r.index for r in cp.records)
+    text = lambda ids: "".join(tiny.tokenizer.convert_ids_to_tokens(ids))  # noqa: E731 (character tokens)
+    for r in cp.records:
+        conv = src[r.id]
+        assert [m["content"] for m in conv if m["role"] == "user"][0] in text(r.input_ids)
+        answers = text([t for t, m in zip(r.input_ids, r.loss_mask) if m])
+        assert not any(m["content"] in answers for m in conv if m["role"] == "assistant")  # the target's replies
+        assert sum(r.loss_mask) > 0 and r.loss_mask[0] == 0 and len(r.loss_mask) == len(r.input_ids)
+    assert man["tokens"] == sum(len(r.input_ids) for r in cp.records)
+
+    def boom(*a, **k):
+        raise AssertionError("a finished batch was generated again")
+
+    monkeypatch.setattr("specbench.training.corpus._answer_batch", boom)
+    assert _corpus(tiny, sharegpt_file, tmp_path / "c")["content_sha256"] == man["content_sha256"]
+    monkeypatch.undo()
+    # a kill in the middle of the last batch's write: a cut gzip member at the end of the file
+    f = tmp_path / "c" / CORPUS_FILE
+    member = gzip.compress(b'{"index":4,"id":"c4","input_ids":[1,2')
+    f.write_bytes(f.read_bytes() + member[:len(member) // 2])
+    again = _corpus(tiny, sharegpt_file, tmp_path / "c")
+    assert again["content_sha256"] == man["content_sha256"] and len(again["runs"]) == 3
+    assert [x.input_ids for x in load_corpus(tmp_path / "c").records] == [x.input_ids for x in cp.records]
+    # and a cut inside a finished batch's records (the last one dropped): that batch is generated again
+    with gzip.open(f, "rt") as fh:
+        lines = fh.read().splitlines()
+    f.write_bytes(gzip.compress(("\n".join(lines[:-1]) + "\n").encode()))
+    assert _corpus(tiny, sharegpt_file, tmp_path / "c")["content_sha256"] == man["content_sha256"]
+
+
+def test_distill_corpus_settings_round_robin_and_refusals(tiny, sharegpt_file, tmp_path):
+    import gzip
+    import json as js
+
+    from specbench.training.corpus import CORPUS_FILE, CorpusError, load_corpus, parse_settings
+
+    settings = parse_settings("0:1, 1.0:0.9")
     assert settings == [(0.0, 1.0), (1.0, 0.9)]
-    out = regenerate_conversations(tiny.model, tiny.tokenizer, convs, out_dir=tmp_path, max_tokens=200,
-                                   batch_size=2, max_new_tokens=5, settings=settings, progress=False)
-    assert [c for c, _ in out] == [c for c, _ in convs]  # the conversations' order, whatever the batching
-    recs = {r["id"]: r for r in map(json.loads, (tmp_path / "distilled.jsonl").read_text().splitlines())}
-    assert {cid: (r["temperature"], r["top_p"]) for cid, r in recs.items()} == {
-        f"c{i}": settings[i % 2] for i in range(5)}
-    greedy = regenerate_conversations(tiny.model, tiny.tokenizer, convs[:1], out_dir=tmp_path / "g", max_tokens=200,
-                                      batch_size=2, max_new_tokens=5, progress=False)
-    assert greedy[0] == out[0]  # setting 0 is greedy: the same answer as a greedy-only run
+    man = _corpus(tiny, sharegpt_file, tmp_path / "c", settings=settings, seed=3)
+    with gzip.open(tmp_path / "c" / CORPUS_FILE, "rt") as fh:
+        recs = {r["index"]: r for r in map(js.loads, fh)}
+    assert {i: (r["temperature"], r["top_p"]) for i, r in recs.items()} == {i: settings[i % 2] for i in range(5)}
+    _corpus(tiny, sharegpt_file, tmp_path / "g", max_conversations=1)
+    with gzip.open(tmp_path / "g" / CORPUS_FILE, "rt") as fh:
+        assert js.loads(fh.readline())["input_ids"] == recs[0]["input_ids"]  # setting 0 is greedy
     for bad, why in (("0.7", None), ("x:1", "not temperature:top_p"), ("1:0", "0 < top_p <= 1"), ("", "no distil")):
         if why is None:
-            assert parse_distill_settings(bad) == [(0.7, 1.0)]
+            assert parse_settings(bad) == [(0.7, 1.0)]
             continue
         with pytest.raises(ValueError, match=why):
-            parse_distill_settings(bad)
+            parse_settings(bad)
+    # one directory, one spec: finishing it with other settings is refused, naming what differs
+    with pytest.raises(CorpusError, match=r"differs in: \['generation'\]"):
+        _corpus(tiny, sharegpt_file, tmp_path / "c", settings=settings, seed=4)
+    # strict reading: another target, an altered file, an unfinished corpus, not a corpus
+    with pytest.raises(CorpusError, match="not of this target"):
+        load_corpus(tmp_path / "c", target_sha256="0" * 64)
+    lines = gzip.decompress((tmp_path / "c" / CORPUS_FILE).read_bytes()).decode().splitlines()
+    lines[0] = lines[0].replace('"input_ids":[', '"input_ids":[3,', 1)
+    (tmp_path / "c" / CORPUS_FILE).write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(CorpusError, match="does not match its manifest"):
+        load_corpus(tmp_path / "c")
+    m = js.loads((tmp_path / "g" / "MANIFEST.json").read_text())
+    (tmp_path / "g" / "MANIFEST.json").write_text(js.dumps(m | {"complete": False}))
+    with pytest.raises(CorpusError, match="incomplete .*finish it with: test"):
+        load_corpus(tmp_path / "g")
+    with pytest.raises(CorpusError, match="not a corpus directory"):
+        load_corpus(tmp_path)
+    assert man["file_bytes"] > 0
 
 
-def test_default_distillation_keeps_its_feature_cache_key():
-    from specbench.training.pipeline import distill_options
+def test_features_from_a_corpus_are_its_token_ids(tiny, sharegpt_file, tmp_path):
+    """`train --corpus DIR` trains on exactly the corpus's ids and mask (cut at max_tokens), keyed by its
+    content; a ShareGPT selection keeps the cache key it had before corpora existed."""
+    from specbench.training.corpus import load_corpus
 
-    assert distill_options([(0.0, 1.0)], 256, 8, seed=5) == {}  # greedy: the seed is irrelevant
-    assert distill_options([(0.0, 1.0), (1.0, 0.9)], 256, 8, seed=5) == {"settings": [[0.0, 1.0], [1.0, 0.9]],
-                                                                         "seed": 5}
-    assert distill_options([(0.0, 1.0)], 128, 4, seed=0) == {"max_new_tokens": 128, "batch_size": 4}
+    _corpus(tiny, sharegpt_file, tmp_path / "c")
+    cp = load_corpus(tmp_path / "c")
+    d, info = prepare_features(tiny, max_conversations=None, max_tokens=90, corpus=tmp_path / "c",
+                               cache=tmp_path / "cache", progress=False)
+    cache = FeatureCache(d)
+    kept = [r for r in cp.records if sum(r.loss_mask[:90])]
+    assert len(kept) >= 3 and info["conversations_truncated_to_max_tokens"] >= 1
+    assert [cache[i]["input_ids"].tolist() for i in range(len(cache))] == [r.input_ids[:90] for r in kept]
+    assert [cache[i]["loss_mask"].tolist() for i in range(len(cache))] == [r.loss_mask[:90] for r in kept]
+    assert info["corpus"]["content_sha256"] == cp.content_sha256 and info["self_distill"] is True
+    d2, _ = prepare_features(tiny, max_conversations=2, max_tokens=90, corpus=tmp_path / "c",
+                             cache=tmp_path / "cache", progress=False)
+    assert d2 != d and len(FeatureCache(d2)) == len([r for r in cp.records[:2] if sum(r.loss_mask[:90])])
+    with pytest.raises(DataError, match="no training sequence"):
+        prepare_features(tiny, max_conversations=None, max_tokens=20, corpus=tmp_path / "c",
+                         cache=tmp_path / "cache", progress=False)
+    # the selection entering a ShareGPT cache's key is the one the committed heads' manifests were made with
+    d3, _ = prepare_features(tiny, data=str(sharegpt_file), max_conversations=4, max_tokens=90,
+                             cache=tmp_path / "cache", progress=False)
+    assert json.loads((d3 / "meta.json").read_text())["selection"] == {
+        "start": 0, "max_conversations": 4, "decontaminated": True, "heldout_tail": 4, "self_distill": False}
 
 
 def test_train_options_are_checked_before_any_work(tmp_path):
@@ -371,8 +440,8 @@ def test_train_options_are_checked_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(UsageError, match="--log .*cannot write in"):
         main(["--out", str(tmp_path / "o"), "--log", str(tmp_path / "afile" / "x.log")])
-    for bad in (["--embed-init-scale", "abc"], ["--threads", "-1"], ["--self-distill", "--distill-settings", "x"],
-                ["--self-distill", "--distill-max-new", "0"]):
+    for bad in (["--embed-init-scale", "abc"], ["--threads", "-1"], ["--corpus", str(tmp_path)],
+                ["--max-conversations", "0"]):
         with pytest.raises(SystemExit) as e:
             main(["--out", str(tmp_path / "o"), *bad])
         assert e.value.code == 2
@@ -394,3 +463,28 @@ def test_the_task_options_are_the_train_command_options(tmp_path):
             p.parse_args(["--out", str(tmp_path), *bad])
         assert e.value.code == 2
     assert "weight of the soft-label cross-entropy term (default 0.1)" in " ".join(p.format_help().split())
+
+
+def test_distill_then_train_on_the_corpus_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """`specbench distill` writes a corpus whose manifest records its command; `specbench train --corpus` trains
+    on all of it and names it in the head's manifest; a bad corpus is refused before the target loads."""
+    from specbench.cli import main
+
+    tiny, tdir, sg = tiny_train_inputs(tmp_path, monkeypatch)
+    args = ["--out", str(tmp_path / "corpus"), "--target", str(tdir), "--data", str(sg), "--max-conversations", "6",
+            "--max-tokens", "100", "--max-new", "5", "--batch-size", "3", "--no-progress"]
+    assert main(["distill", *args]) == 0
+    man = json.loads((tmp_path / "corpus" / "MANIFEST.json").read_text())
+    assert man["complete"] and man["runs"][0]["command"] == "specbench distill " + " ".join(args)
+    with pytest.raises(SystemExit):
+        main(["distill", *args[:-1], "--settings", "1:0"])
+    assert "0 < top_p <= 1" in capsys.readouterr().err
+    assert main(["train", "--method", "eagle", "--out", str(tmp_path / "h"), "--target", str(tdir), "--corpus",
+                 str(tmp_path / "corpus"), "--max-tokens", "100", "--epochs", "1", "--heldout", "2",
+                 "--data", str(sg), "--no-progress"]) == 0
+    hm = json.loads((tmp_path / "h" / "MANIFEST.json").read_text())
+    assert hm["data"]["corpus"]["content_sha256"] == man["content_sha256"]
+    assert hm["data"]["conversations_used"] == man["conversations_answered"] and hm["data"]["self_distill"]
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "eagle", "--out", str(tmp_path / "h2"), "--corpus", str(tmp_path)])
+    assert "not a corpus directory" in capsys.readouterr().err

@@ -5,9 +5,9 @@ The draft starts as the target's first `layers` decoder layers under its final n
 trains those layers and the norm; the embedding and the LM head stay the target's (frozen, as a feature
 head's), so the draft's vocabulary and its token rows are the target's. The data is the feature cache of
 the pipeline (token ids and the target's last hidden states), ideally of the target's own answers
-(``--self-distill``, HASS appendix D / TVD++ phase 2): the target's next-token distribution at position t
-is ``p_t = softmax(lm_head(h_t))`` over the full vocabulary, from the cached h_t (stored in float16, the
-one approximation). The draft reads the same tokens
+(``--corpus DIR`` from ``specbench distill``, HASS appendix D / TVD++ phase 2): the target's next-token
+distribution at position t is ``p_t = softmax(lm_head(h_t))`` over the full vocabulary, from the cached h_t
+(stored in float16, the one approximation). The draft reads the same tokens
 (teacher forcing) and is scored at assistant tokens (position t counts when token t+1 is an assistant
 reply's) by `--loss`:
 

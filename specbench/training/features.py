@@ -2,7 +2,7 @@
 
 The cache is a `datasets` (Arrow) dataset saved in shards under
 ``cache_dir()/features/<key>/shard-00000/ ...``. The key hashes the target weights' sha256, the data
-identity (source + selection + self-distillation settings), the chat template and `max_tokens`, so every
+identity (source + selection, or a distillation corpus's content sha256), the chat template and `max_tokens`, so every
 method trained on the same target and data reuses it. Rows:
 
 - ``id`` (string), ``input_ids`` (int32 list), ``loss_mask`` (int8 list: 1 on assistant-reply tokens),
@@ -30,8 +30,7 @@ import torch
 from ..artifacts import sha256_bytes, sha256_json, utc_now, write_json
 
 __all__ = ["FeatureExample", "feature_cache_key", "feature_cache_dir", "extract_features", "load_feature_cache",
-           "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations",
-           "HELDOUT_TAIL", "regenerate_conversations"]
+           "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations"]
 
 _FORMAT = 1
 log = logging.getLogger(__name__)
@@ -214,68 +213,75 @@ def load_feature_cache(path: Path) -> FeatureCache:
 # ---------------------------------------------------------------- end to end: data -> cache
 
 
-HELDOUT_TAIL = 200  # the last usable conversations of a source are reserved for held-out checks
-
-
-def heldout_tail(n_usable: int) -> int:
-    """How many of the last usable conversations are held out: 200, or a tenth of a small source."""
-    return min(HELDOUT_TAIL, n_usable // 10)
-
-
-def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, max_tokens: int = 512,
-                     start: int = 0, self_distill: bool = False, distill_kwargs: dict | None = None,
-                     feature_cache: Path | None = None, cache: Path | None = None, shard_size: int = 64,
-                     progress: bool = True) -> tuple[Path, dict]:
+def prepare_features(target, *, data: str = "sharegpt", max_conversations: int | None, max_tokens: int = 512,
+                     start: int = 0, corpus: Path | None = None, feature_cache: Path | None = None,
+                     cache: Path | None = None, shard_size: int = 64, progress: bool = True) -> tuple[Path, dict]:
     """Read + format the training conversations and extract the target's features (cached, resumable).
 
-    `target` is a LoadedModel (model, tokenizer, name, weights_sha256). Conversations are the usable ones
-    number `start`..`start+max_conversations` of the source, after decontamination against the evaluation
-    prompts; the last HELDOUT_TAIL usable conversations of the source are never used for training.
-    Returns (cache directory, data info for the manifest).
+    `target` is a LoadedModel (model, tokenizer, name, weights_sha256). Without `corpus` the conversations
+    are the usable ones number `start`..`start+max_conversations` of `data`, after decontamination against
+    the evaluation prompts, never the last HELDOUT_TAIL usable ones of the source. With `corpus` (a
+    directory written by `specbench distill`: the target's own answers, as token ids) they are its first
+    `max_conversations` (all when None), cut at `max_tokens`. Returns (cache directory, data info for the
+    manifest).
     """
-    from .sharegpt import ReadStats, format_conversation, load_conversations, resolve_source
+    from .sharegpt import format_conversation, select_training_conversations
 
-    src = resolve_source(data, cache=cache, progress=progress)
     tok = target.tokenizer
-    stats = ReadStats()
-    t0 = time.time()
-    convs = load_conversations(src, start=0, limit=None, stats=stats)
-    n_usable = len(convs)
-    tail = heldout_tail(n_usable)
-    train_pool = convs[:max(0, n_usable - tail)]
-    selection = {"start": int(start), "max_conversations": int(max_conversations), "decontaminated": True,
-                 "heldout_tail": tail, "self_distill": bool(self_distill)}
-    if self_distill:
-        selection["distill"] = dict(sorted((distill_kwargs or {}).items()))
-    key = feature_cache_key(target_sha256=target.weights_sha256, data_ident=src.ident, selection=selection,
-                            max_tokens=max_tokens, chat_template=getattr(tok, "chat_template", None))
-    out_dir = Path(feature_cache) if feature_cache is not None else feature_cache_dir(key, cache)
-    chosen = train_pool[start:start + max_conversations]
-    log.info(f"data: {src.description}: {stats.records} records read (truncated at the cut: {stats.truncated}), "
-             f"{n_usable} usable, skipped {stats.skipped}; using {len(chosen)} (#{start}..) "
-             f"in {time.time() - t0:.1f} s")
-    if len(chosen) < max_conversations:
-        log.info(f"data: only {len(chosen)} conversations available (asked {max_conversations})")
-    if self_distill:
-        chosen = regenerate_conversations(target.model, tok, chosen, out_dir=out_dir, max_tokens=max_tokens,
-                                          progress=progress, **(distill_kwargs or {}))
     examples = []
     n_trunc = 0
-    for cid, conv in chosen:
-        f = format_conversation(tok, conv, max_tokens)
-        n_trunc += f.truncated
-        if sum(f.loss_mask) == 0 or len(f.input_ids) < 2:
-            continue
-        examples.append(FeatureExample(cid, f.input_ids, f.loss_mask))
-    info = {
-        "source": src.description, "source_id": src.ident, "records_read": stats.records,
-        "source_truncated": stats.truncated, "usable_conversations": n_usable, "skipped": stats.skipped,
-        "heldout_tail": tail, "start": start, "conversations_used": len(examples),
-        "conversations_truncated_to_max_tokens": n_trunc, "max_tokens": max_tokens, "self_distill": self_distill,
+    if corpus is not None:
+        from .corpus import load_corpus
+
+        cp = load_corpus(corpus, target_sha256=target.weights_sha256)
+        spec = cp.manifest["spec"]
+        for r in cp.records[:max_conversations]:
+            n_trunc += len(r.input_ids) > max_tokens
+            ids, mask = r.input_ids[:max_tokens], r.loss_mask[:max_tokens]
+            if sum(mask) and len(ids) >= 2:
+                examples.append(FeatureExample(r.id, ids, mask))
+        data_ident = f"corpus:sha256={cp.content_sha256}"
+        selection = {"corpus": True, "max_conversations": max_conversations}
+        info = {"source": f"corpus {cp.path}: the target's answers to {spec['source']}", "source_id": data_ident,
+                "corpus": {"path": str(cp.path), "content_sha256": cp.content_sha256, "spec": spec,
+                           "conversations": spec["conversations"], "tokens": cp.manifest["tokens"]},
+                "heldout_tail": spec["selection"]["heldout_tail"], "start": spec["selection"]["start"]}
+        log.info(f"data: corpus {cp.path}: {len(cp.records)} answered conversations; using {len(examples)}")
+    else:
+        if max_conversations is None:
+            raise ValueError("max_conversations is required without a corpus")
+        sel = select_training_conversations(data, start=start, max_conversations=max_conversations, cache=cache,
+                                            progress=progress)
+        log.info(f"data: {sel.describe()}")
+        if len(sel.chosen) < max_conversations:
+            log.info(f"data: only {len(sel.chosen)} conversations available (asked {max_conversations})")
+        for cid, conv in sel.chosen:
+            f = format_conversation(tok, conv, max_tokens)
+            n_trunc += f.truncated
+            if sum(f.loss_mask) == 0 or len(f.input_ids) < 2:
+                continue
+            examples.append(FeatureExample(cid, f.input_ids, f.loss_mask))
+        data_ident = sel.source.ident
+        # self_distill False: the key every cache made before corpora existed was computed with
+        selection = {**sel.spec, "self_distill": False}
+        info = {"source": sel.source.description, "source_id": data_ident, "records_read": sel.stats.records,
+                "source_truncated": sel.stats.truncated, "usable_conversations": sel.n_usable,
+                "skipped": sel.stats.skipped, "heldout_tail": sel.tail, "start": start}
+    if not examples:
+        from .sharegpt import DataError
+
+        raise DataError(f"no training sequence: no selected conversation has an assistant reply within the first "
+                        f"{max_tokens} tokens; raise --max-tokens or select more conversations")
+    key = feature_cache_key(target_sha256=target.weights_sha256, data_ident=data_ident, selection=selection,
+                            max_tokens=max_tokens, chat_template=getattr(tok, "chat_template", None))
+    out_dir = Path(feature_cache) if feature_cache is not None else feature_cache_dir(key, cache)
+    info.update({
+        "conversations_used": len(examples), "conversations_truncated_to_max_tokens": n_trunc,
+        "max_tokens": max_tokens, "self_distill": corpus is not None,
         "tokens": int(sum(len(e.input_ids) for e in examples)),
         "loss_tokens": int(sum(sum(e.loss_mask) for e in examples)), "cache_key": key,
-    }
-    meta = {"key": key, "target": target.name, "target_sha256": target.weights_sha256, "data": src.ident,
+    })
+    meta = {"key": key, "target": target.name, "target_sha256": target.weights_sha256, "data": data_ident,
             "selection": selection, "max_tokens": max_tokens}
     extract_features(target.model, examples, out_dir, meta=meta, shard_size=shard_size, progress=progress)
     info["feature_cache"] = str(out_dir)
@@ -286,128 +292,7 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int, 
 
 def heldout_conversations(data: str = "sharegpt", n: int = 50, cache: Path | None = None):
     """The last `n` (<= heldout_tail) usable conversations of the source: never used for training."""
-    from .sharegpt import load_conversations, resolve_source
+    from .sharegpt import heldout_tail, load_conversations, resolve_source
 
     convs = load_conversations(resolve_source(data, cache=cache, progress=False), start=0, limit=None)
     return convs[len(convs) - min(n, heldout_tail(len(convs))):]
-
-
-# ---------------------------------------------------------------- self-distillation (HASS appendix D)
-
-
-def parse_distill_settings(text: str) -> list[tuple[float, float]]:
-    """``"T:P,T:P,..."`` (temperature:top_p pairs; ``0`` for greedy) -> [(T, P), ...]."""
-    out = []
-    for part in (x.strip() for x in text.split(",") if x.strip()):
-        t, _, p = part.partition(":")
-        try:
-            pair = (float(t), float(p or 1.0))
-        except ValueError:
-            raise ValueError(f"distillation setting {part!r} is not temperature:top_p (e.g. 0.7:0.95)") from None
-        if pair[0] < 0 or not 0 < pair[1] <= 1:
-            raise ValueError(f"distillation setting {part!r}: temperature >= 0 and 0 < top_p <= 1")
-        out.append(pair)
-    if not out:
-        raise ValueError("no distillation setting given (e.g. 0:1,0.7:0.95,1:1)")
-    return out
-
-
-@torch.no_grad()
-def regenerate_conversations(model, tokenizer, convs, *, out_dir: Path, max_tokens: int = 512, batch_size: int = 8,
-                             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                             settings: Sequence[Sequence[float]] | None = None, progress: bool = True):
-    """Self-distillation data: the target re-answers every user turn, its own replies kept in the context.
-
-    HASS appendix D (after Medusa / DistillSpec): "we feed the prompts from the ShareGPT dataset into the
-    target models recursively and collect the responses as multi-turn conversations"; the TVD++ paper's
-    distillation set does the same at several temperatures and top-p. `settings` [(T, top_p), ...]
-    (default: the one `temperature`/`top_p`) are assigned round-robin by the conversation's position in
-    `convs`. Conversations of one setting are processed in batches, turn by turn (left-padded batched
-    ``generate``: greedy at temperature 0, else sampled from a seeded generator); a conversation stops once
-    its context reaches `max_tokens`. Results (with their setting) are appended to ``out_dir/distilled.jsonl``
-    per batch, so an interrupted run resumes where it stopped. Returns the regenerated ``(id, messages)``
-    list (same order).
-    """
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = out_dir / "distilled.jsonl"
-    done: dict[str, list[dict]] = {}
-    if store.is_file():
-        for line in store.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill
-            done[rec["id"]] = rec["messages"]
-    settings = [(float(t), float(p)) for t, p in (settings or [(temperature, top_p)])]
-    todo = [(i, cid, conv) for i, (cid, conv) in enumerate(convs) if cid not in done]
-    log.info(f"self-distillation: {len(convs)} conversations, {len(convs) - len(todo)} already regenerated, "
-             f"settings (temperature, top_p) {settings} -> {store}")
-    if not todo:
-        return [(cid, done[cid]) for cid, _ in convs if done.get(cid)]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    bar = tqdm(total=len(todo), unit="conv", desc="self-distill", disable=not progress)
-    try:
-        with open(store, "a") as f:
-            for s_idx, (temp, tp) in enumerate(settings):
-                mine = [(cid, conv) for i, cid, conv in todo if i % len(settings) == s_idx]
-                for b in range(0, len(mine), batch_size):
-                    batch = mine[b:b + batch_size]
-                    hist = _answer_batch(model, tokenizer, batch, temp, tp, gen, max_tokens, max_new_tokens)
-                    for (cid, _), msgs in zip(batch, hist):
-                        done[cid] = msgs if any(m["role"] == "assistant" for m in msgs) else []
-                        f.write(json.dumps({"id": cid, "temperature": temp, "top_p": tp, "messages": done[cid]})
-                                + "\n")
-                    f.flush()
-                    bar.update(len(batch))
-    finally:
-        tokenizer.padding_side = old_side
-        bar.close()
-    return [(cid, done[cid]) for cid, _ in convs if done.get(cid)]
-
-
-def _answer_batch(model, tokenizer, batch, temperature: float, top_p: float, gen: torch.Generator, max_tokens: int,
-                  max_new_tokens: int) -> list[list[dict]]:
-    """The target's answers to every user turn of each conversation of `batch`, turn by turn, batched."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    users = [[m for m in conv if m["role"] == "user"] for _, conv in batch]
-    hist = [[m for m in conv[:1] if m["role"] == "system"] for _, conv in batch]
-    alive = list(range(len(batch)))
-    k = 0
-    while alive:
-        rows, prompts = [], []
-        for i in alive:
-            if k >= len(users[i]):
-                continue
-            msgs = hist[i] + [users[i][k]]
-            ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-            if len(ids) >= max_tokens - 8:
-                continue
-            rows.append(i)
-            prompts.append(ids)
-        if not rows:
-            break
-        L = max(len(p) for p in prompts)
-        inp = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-        att = torch.zeros(len(prompts), L, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            inp[r, L - len(p):] = torch.tensor(p)
-            att[r, L - len(p):] = 1
-        budget = max(1, min(max_new_tokens, max_tokens - min(len(p) for p in prompts)))
-        kw = {"do_sample": temperature > 0, "max_new_tokens": budget, "pad_token_id": pad_id}
-        if temperature > 0:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kw.update(temperature=temperature, top_p=top_p)
-        outs = model.generate(input_ids=inp.to(device), attention_mask=att.to(device), **kw)
-        for r, i in enumerate(rows):
-            reply = tokenizer.decode(outs[r, L:], skip_special_tokens=True).strip()
-            hist[i] += [users[i][k], {"role": "assistant", "content": reply}]
-        alive = rows
-        k += 1
-    return hist

@@ -28,7 +28,7 @@ from .trainer import TrainConfig, train_loop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["distill_options", "main", "train", "write_draft_vocab"]
+__all__ = ["main", "train", "write_draft_vocab"]
 
 
 def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
@@ -69,9 +69,9 @@ def init_state(head, given: dict, wanted: dict, source) -> None:
     head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in given.items()}}, strict=True)
 
 
-def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int = 1000,
+def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int | None = 1000,
           max_tokens: int = 512, epochs: int = 3, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
-          self_distill: bool = False, distill_kwargs: dict | None = None, resume: bool = True,
+          corpus: Path | None = None, resume: bool = True,
           feature_cache: Path | None = None, work_dir: Path | None = None, warmup_steps: int | None = None,
           save_every: int = 50, grad_clip_value: float = 0.5, heldout: int = 50, device: str = "auto",
           dtype: str = "float32", progress: bool = True, max_steps: int | None = None, command: str | None = None,
@@ -82,6 +82,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     state lives in `work_dir` (default ``cache_dir()/train/<task>-<hash of the settings>``), so an
     interrupted run resumes bit-identically. `init_from`: a checkpoint of the task's architecture whose
     weights initialise the head (a second training phase); its MANIFEST.json is embedded in the new one.
+    `corpus`: train on a distillation corpus (`specbench distill`) instead of `data`'s own replies.
     The held-out check is the top-1 agreement on `heldout` ShareGPT conversations never trained on.
     Returns `out`.
     """
@@ -102,8 +103,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
 
     with acc.main_process_first():  # the main process extracts the features; the others then find its cache
         fdir, data_info = prepare_features(loaded, data=data, max_conversations=max_conversations,
-                                           max_tokens=max_tokens, self_distill=self_distill,
-                                           distill_kwargs=distill_kwargs, feature_cache=feature_cache,
+                                           max_tokens=max_tokens, corpus=corpus, feature_cache=feature_cache,
                                            progress=progress and acc.is_main_process)
     cache = load_feature_cache(fdir)
     log.info(f"feature cache {fdir}: {len(cache)} sequences, {sum(cache.lengths)} tokens")
@@ -181,16 +181,6 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     return out
 
 
-def distill_options(settings: list[tuple[float, float]], max_new_tokens: int, batch_size: int, seed: int) -> dict:
-    """regenerate_conversations' keyword arguments that differ from its defaults: only those enter the
-    feature-cache key, so a greedy run keeps the key it always had; the seed matters only when a setting
-    samples."""
-    given = {"settings": [list(x) for x in settings], "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-             "seed": seed if any(t > 0 for t, _ in settings) else 0}
-    defaults = {"settings": [[0.0, 1.0]], "max_new_tokens": 256, "batch_size": 8, "seed": 0}
-    return {k: v for k, v in given.items() if v != defaults[k]}
-
-
 def parser(task_cls: type[Task], method: str | None = None, defaults: dict | None = None) -> argparse.ArgumentParser:
     """The command line of `task_cls`'s training, as method `method` (default: the task's name) runs it, with
     the task options' `defaults` replaced (a method sharing a task with another: kld, tvd and tvdpp)."""
@@ -201,18 +191,15 @@ def parser(task_cls: type[Task], method: str | None = None, defaults: dict | Non
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", default="sharegpt")
-    p.add_argument("--max-conversations", type=int, default=1000)
+    p.add_argument("--max-conversations", type=int, default=None, help="default 1000 (a corpus: all)")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--self-distill", action="store_true",
-                   help="train on the target's own answers to the conversations' user turns (regenerated once, cached)")
-    p.add_argument("--distill-settings", default="0:1",
-                   help="temperature:top_p pairs of the self-distillation, assigned round-robin (default 0:1, greedy)")
-    p.add_argument("--distill-max-new", type=int, default=256, help="new tokens per regenerated answer at most")
-    p.add_argument("--distill-batch-size", type=int, default=8, help="conversations generated together")
+    p.add_argument("--corpus", type=Path,
+                   help="train on a distillation corpus (the target's own answers, from `specbench distill`) instead "
+                        "of the data's replies; --max-conversations then defaults to all of it")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--feature-cache", type=Path)
     p.add_argument("--work-dir", type=Path)
@@ -240,17 +227,16 @@ def main(task_cls: type[Task], argv: list[str] | None = None, *, method: str | N
     if a.threads:
         torch.set_num_threads(a.threads)
     task = task_cls(options_from_args(task_cls.Options, a), seed=a.seed)
-    distill = None
-    if a.self_distill:
-        from .features import parse_distill_settings
+    if a.max_conversations is not None and a.max_conversations < 1:
+        p.error(f"--max-conversations must be >= 1, got {a.max_conversations}")
+    if a.corpus is not None:  # checked before the target is loaded
+        from .corpus import CorpusError, load_corpus
 
         try:
-            settings = parse_distill_settings(a.distill_settings)
-        except ValueError as e:
+            load_corpus(a.corpus)
+        except CorpusError as e:
             p.error(str(e))
-        if a.distill_max_new < 1 or a.distill_batch_size < 1:
-            p.error("--distill-max-new and --distill-batch-size must be >= 1")
-        distill = distill_options(settings, a.distill_max_new, a.distill_batch_size, a.seed)
+    max_conv = a.max_conversations if a.max_conversations or a.corpus else 1000
     cmd = (f"specbench train --method {method or task_cls.name} "
            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     # Long jobs: timestamped lines, one copy of them (the main process's; the others only warn), and --log.
@@ -261,9 +247,9 @@ def main(task_cls: type[Task], argv: list[str] | None = None, *, method: str | N
             out = a.out / phase.subdir if phase.subdir else a.out
             work = a.work_dir / phase.subdir if a.work_dir and phase.subdir else a.work_dir
             init = train(task_cls(phase.opts, seed=a.seed), a.target, out, data=a.data,
-                         max_conversations=a.max_conversations, max_tokens=a.max_tokens,
+                         max_conversations=max_conv, max_tokens=a.max_tokens,
                          epochs=phase.epochs or a.epochs, lr=phase.lr or a.lr, batch_size=a.batch_size, seed=a.seed,
-                         self_distill=a.self_distill, distill_kwargs=distill, resume=not a.no_resume,
+                         corpus=a.corpus, resume=not a.no_resume,
                          feature_cache=a.feature_cache,
                          work_dir=work, heldout=a.heldout, save_every=a.save_every, progress=not a.no_progress,
                          command=cmd, init_from=init)

