@@ -142,7 +142,7 @@ def _distilled_checkpoint(task, target, d: Path) -> None:
             hidden = target_hidden_states(model, ids)
         rows = [{"input_ids": ids[i], "loss_mask": torch.ones(ids.shape[1]), "hidden": hidden[i]}
                 for i in range(len(ids))]
-        head = task.make_head(model, seed=0)
+        head = task.make_head(model, rows, seed=0)
         opt = torch.optim.AdamW(task.trainable(head), lr=1e-2)
         for step in range(100):
             loss = task.loss(head, task.collate(rows[(step * 8) % 64:(step * 8) % 64 + 8]))["loss"]
@@ -156,6 +156,13 @@ def _eagle_checkpoint(target, d: Path) -> None:
     from specbench.training.eagle import EagleOptions, EagleTask
 
     _distilled_checkpoint(EagleTask(EagleOptions(embed_init_scale=1.0)), target, d)
+
+
+def _eagle_draft_vocab_checkpoint(target, d: Path) -> None:
+    """An EAGLE head trained over a reduced draft vocabulary (24 of 64 ids; its d2t/t2d mapping)."""
+    from specbench.training.eagle import EagleOptions, EagleTask
+
+    _distilled_checkpoint(EagleTask(EagleOptions(embed_init_scale=1.0, draft_vocab=24)), target, d)
 
 
 def _fspad_checkpoint(target, d: Path) -> None:
@@ -185,7 +192,10 @@ def _stored_prefix_draft(target, d: Path) -> None:
     save_prefix_draft(lm, d, target=target.name, target_sha256=target.weights_sha256)
 
 
+# EAGLE-2 over a head trained over a reduced draft vocabulary: not a method of its own, a checkpoint kind
+REDUCED_VOCAB_HEAD = "eagle2(draft-vocab head)"
 CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft,
+                       REDUCED_VOCAB_HEAD: _eagle_draft_vocab_checkpoint,
                        **dict.fromkeys(("kld", "tvd", "tvdpp"), _stored_prefix_draft)}
 # Methods whose drafter is another's with other default weights: their sampling tests run under -m slow.
 SAME_DRAFTER = {"kld": "sps", "tvd": "sps", "tvdpp": "sps"}
@@ -197,10 +207,10 @@ def checkpoint_params(target, tmp_path_factory):
     made: dict[str, str] = {}
 
     def params_for(name: str) -> dict:
-        method = get_method(name)
+        method = get_method(_method(name))
         if not method.needs_checkpoint:
             return {}
-        arch = method.identity.head or name
+        arch = name if name == REDUCED_VOCAB_HEAD else method.identity.head or name
         if arch not in CHECKPOINT_BUILDERS:
             pytest.fail(f"{name} needs a draft checkpoint ({arch}) and this test cannot make one for the tiny "
                         "target: add a builder to CHECKPOINT_BUILDERS")
@@ -221,8 +231,12 @@ def checkpoints(target, tmp_path_factory):
 def build_drafter(name: str, target, sampling: SamplingConfig, generator, checkpoints):
     if name == SAMPLED_TREE:
         return SampledTreeDrafter(target.model, sampling, generator)
-    method = get_method(name)
+    method = get_method(_method(name))
     return method.drafter(target, sampling, generator, **method.params(checkpoints(name)))
+
+
+def _method(name: str) -> str:
+    return "eagle2" if name == REDUCED_VOCAB_HEAD else name
 
 
 class SampledTreeDrafter(DrafterBase):
@@ -246,7 +260,7 @@ class SampledTreeDrafter(DrafterBase):
 
 
 SAMPLED_TREE = "sampled-tree(test drafter)"
-METHODS = sorted(available_methods())
+METHODS = sorted(available_methods()) + [REDUCED_VOCAB_HEAD]
 
 
 # --------------------------------------------------------------------------- greedy

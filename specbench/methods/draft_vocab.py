@@ -7,6 +7,9 @@ rows live in a preallocated buffer that grows as new tokens are emitted. The ran
 ``draft_vocab.json`` (token ids, most frequent first, as training writes it; unlisted ids follow in id
 order), or the ids in order when there is none (BPE ids roughly follow merge order, i.e. frequency).
 
+`DraftVocab.fixed(rows, bias, ids)`: the vocabulary a head was trained over (its d2t/t2d mapping): exactly
+those ids, never grown by the sequence's tokens.
+
 Deterministic drafters stay lossless with any vocabulary (their candidates are point masses); a
 sampling drafter's q is exactly 0 outside it, which the verifier handles exactly.
 """
@@ -33,13 +36,28 @@ class DraftVocab:
         self._base: list[int] | None = None  # the ranking's first `size` ids (read once)
         self.ids: torch.Tensor | None = None  # the draft vocabulary's ids (None = full)
         self.weight, self.bias = weight, bias  # the rows scored
+        self._fixed = False
+
+    @classmethod
+    def fixed(cls, rows: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> DraftVocab:
+        """Exactly the draft ids `ids` (their LM-head `rows` and `bias`, already gathered), for every sequence."""
+        v = cls(rows, bias, int(ids.numel()))
+        v._fixed, v.ids = True, ids
+        return v
+
+    @property
+    def is_fixed(self) -> bool:
+        """A head's own vocabulary (`fixed`), not one chosen per sequence."""
+        return self._fixed
 
     @property
     def full(self) -> bool:
-        return self.size <= 0 or self.size >= self._w.shape[0]
+        return not self._fixed and (self.size <= 0 or self.size >= self._w.shape[0])
 
     def reset(self, sequence: list[int]) -> None:
         """A new sequence: the ranking's first `size` ids + the sequence's tokens."""
+        if self._fixed:
+            return
         V = self._w.shape[0]
         if self.full:
             self.ids, self.weight, self.bias = None, self._w, self._b
@@ -58,7 +76,7 @@ class DraftVocab:
 
     def grow(self, tokens: list[int]) -> None:
         """Add the tokens the sequence gained that the vocabulary lacks."""
-        if self.ids is None:
+        if self.ids is None or self._fixed:
             return
         new = [t for t in dict.fromkeys(tokens) if t not in self._set]
         if new:

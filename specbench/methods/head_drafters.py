@@ -186,7 +186,16 @@ class _HeadDrafter(DrafterBase):
         self.device, self.dtype = w.device, w.dtype
         self.draft_vocab = int(draft_vocab)
         # optional; candidates stay deterministic, so losslessness is unaffected
-        self.vocab = DraftVocab(w, getattr(head.lm_head, "bias", None), int(draft_vocab), self.loaded.draft_vocab_file)
+        ids = getattr(head, "draft_ids", None)
+        if ids is not None:  # a head trained over a reduced vocabulary drafts over exactly it
+            if self.draft_vocab not in (0, ids.numel()):
+                raise UsageError(f"this head was trained over a draft vocabulary of {ids.numel()} ids (its d2t/t2d "
+                                 f"mapping) and drafts over it: draft_vocab must be 0 or {ids.numel()}, not "
+                                 f"{self.draft_vocab}")
+            self.vocab = DraftVocab.fixed(*head.scored_rows(), ids)
+        else:
+            self.vocab = DraftVocab(w, getattr(head.lm_head, "bias", None), self.draft_vocab,
+                                    self.loaded.draft_vocab_file)
         self.kv = buffer_cache()  # one in-place KV buffer layer
         self.committed = 0  # committed head slots (= tokens in the sequence - 1)
         self.root_feature: torch.Tensor | None = None  # the head's output at the last committed slot: the root's
@@ -202,7 +211,7 @@ class _HeadDrafter(DrafterBase):
     def draft_vocab_sha256(self) -> str | None:
         """sha256 of the DRAFT_VOCAB_FILE this drafter ranks its draft vocabulary by (None if unused)."""
         f = self.loaded.draft_vocab_file
-        if self.draft_vocab <= 0 or f is None:
+        if self.draft_vocab <= 0 or f is None or self.vocab.is_fixed:  # a mapping is in the weights' sha256
             return None
         from ..artifacts import sha256_file
 

@@ -284,6 +284,12 @@ def load_head(path: str | os.PathLike, target, arch: str | None = None) -> Loade
     head = spec.build(target, cfg)
     own = head.state_dict()
     head.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in sd.items()}}, strict=True)
+    validate = getattr(head, "validate_state", None)  # state a head checks beyond key names and shapes
+    if validate is not None:
+        try:
+            validate()
+        except CheckpointError as e:
+            raise CheckpointError(f"draft checkpoint {wfile}: {e}") from None
     head.eval()
     head.requires_grad_(False)
     vocab = d / DRAFT_VOCAB_FILE

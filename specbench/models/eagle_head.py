@@ -29,6 +29,13 @@ rope_theta, ... plus `bias`, the fc bias flag, default True) and weights with th
 (no layers.0.input_layernorm).  Official checkpoints also carry `embed_tokens.weight`, a copy of
 the target's embedding saved by EAGLE's trainer: checked against the target's and dropped.  A
 hidden-size or vocab mismatch with the target is a `CheckpointError` naming both sizes.
+
+A head trained over a reduced draft vocabulary (config.json ``draft_vocab_size`` N > 0, EAGLE-3's key)
+carries EAGLE-3's mapping in its weights: ``d2t`` (N,) int64, draft id i being target id ``i + d2t[i]``,
+and ``t2d`` (V,) bool, the target ids in the draft vocabulary. `logits` then scores those N rows of the
+target's LM head only, in draft-id order (`draft_ids` maps back); training computes its distribution
+losses over them (the target's softmax renormalised over the draft vocabulary) and decoding drafts over
+them. A missing or inconsistent mapping is a `CheckpointError`, never an identity.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ from .draft_heads import CheckpointError, HeadArch, target_name, target_parts
 from .fast_runtime import FastLayer, FastLinear, past_length, rope
 from .hf_compat import cache_kwargs
 
-__all__ = ["EAGLE_ARCH", "EagleHead", "head_config", "head_from_config"]
+__all__ = ["EAGLE_ARCH", "EagleHead", "head_config", "head_from_config", "mapping_hint"]
 
 EMBED_KEY = "embed_tokens.weight"
+DRAFT_VOCAB_KEY = "draft_vocab_size"  # config.json (EAGLE-3's name); the mapping is d2t/t2d in the weights
+MAPPING_KEYS = ("d2t", "t2d")
 
 
 # ------------------------------------------------------------------ target access
@@ -94,7 +103,7 @@ class EagleHead(nn.Module):
     """
 
     def __init__(self, config, embed_tokens: nn.Embedding, lm_head: nn.Linear, fc_bias: bool = True,
-                 *, layer_cls=None, rotary_cls=None):
+                 *, layer_cls=None, rotary_cls=None, draft_vocab_size: int = 0):
         super().__init__()
         if layer_cls is None or rotary_cls is None:
             lc, rc = _layer_classes(config, None)
@@ -120,6 +129,14 @@ class EagleHead(nn.Module):
         layer.input_layernorm = nn.Identity()  # EAGLE: no input norm on the draft's layer 0
         self.layers = nn.ModuleList([layer.to(**factory)])
         self.rotary_emb = rotary_cls(config=cfg).to(ref.device)
+        V = int(lm_head.weight.shape[0])
+        self.draft_vocab_size = int(draft_vocab_size)
+        if not 0 <= self.draft_vocab_size <= V:
+            raise CheckpointError(f"{DRAFT_VOCAB_KEY} {draft_vocab_size} is outside 0..{V} (the target's vocabulary)")
+        if self.draft_vocab_size:  # EAGLE-3's mapping, set by `set_draft_vocab` or loaded with the weights
+            self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.long, device=ref.device))
+            self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool, device=ref.device))
+        self._rows: tuple | None = None  # (key, weight, bias) of the LM-head rows `logits` scores
 
     @classmethod
     def for_target(cls, target, fc_bias: bool = True, config=None, **options):
@@ -146,6 +163,42 @@ class EagleHead(nn.Module):
     @property
     def vocab_size(self) -> int:
         return int(self._lm_head.weight.shape[0])
+
+    # -- the reduced draft vocabulary
+    def set_draft_vocab(self, token_ids) -> None:
+        """Set the mapping to the draft vocabulary `token_ids` (any order, `draft_vocab_size` distinct ids);
+        draft ids follow target-id order, as EAGLE-3's do."""
+        given = list(token_ids)
+        ids = torch.as_tensor(given, dtype=torch.long).unique()
+        N = self.draft_vocab_size
+        if not N or ids.numel() != N or len(given) != N:
+            raise ValueError(f"the head's draft vocabulary has {N} ids, got {len(given)} ({ids.numel()} distinct)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in 0..{self.vocab_size - 1}")
+        with torch.no_grad():
+            self.d2t.copy_(ids.to(self.d2t.device) - torch.arange(N, device=self.d2t.device))
+            self.t2d.zero_()
+            self.t2d[ids.to(self.t2d.device)] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """The target id of each draft id (None: the full vocabulary)."""
+        if not self.draft_vocab_size:
+            return None
+        return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    def validate_state(self) -> None:
+        """A loaded mapping must be one: N increasing target ids below V, exactly those marked in t2d."""
+        ids = self.draft_ids
+        if ids is None:
+            return
+        V = self.vocab_size
+        ok = (int(ids[0]) >= 0 and int(ids[-1]) < V and bool((ids[1:] > ids[:-1]).all())
+              and int(self.t2d.sum()) == ids.numel() and bool(self.t2d[ids.clamp(0, V - 1)].all()))
+        if not ok:
+            raise CheckpointError(f"the head's draft-vocabulary mapping (d2t/t2d, {DRAFT_VOCAB_KEY} "
+                                  f"{self.draft_vocab_size}) is inconsistent: d2t must give increasing target ids "
+                                  "below the vocabulary size, exactly the ones t2d marks")
 
     # -- forward
     def _mask(self, attention_mask, B: int, T: int, past: int, dtype, device) -> torch.Tensor | None:
@@ -212,10 +265,24 @@ class EagleHead(nn.Module):
         return self.fc
 
     def logits(self, predicted_features: torch.Tensor) -> torch.Tensor:
-        """The target's LM head over predicted features; gradients reach the features, never its weights."""
+        """The target's LM head over predicted features, over the draft vocabulary's rows when the head has
+        one (in draft-id order); gradients reach the features, never its weights."""
+        w, b = self.scored_rows()
+        return torch.nn.functional.linear(predicted_features.to(w.dtype), w, b)
+
+    def scored_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the LM-head rows `logits` scores: all of them, or the draft vocabulary's (gathered
+        once per mapping: the LM head is frozen)."""
         w = self._lm_head.weight.detach()
         b = self._lm_head.bias.detach() if getattr(self._lm_head, "bias", None) is not None else None
-        return torch.nn.functional.linear(predicted_features.to(w.dtype), w, b)
+        ids = self.draft_ids
+        if ids is None:
+            return w, b
+        key = (self.d2t._version, self.d2t.data_ptr(), w.data_ptr(), w.dtype, w.device)
+        if self._rows is None or self._rows[0] != key:
+            ids = ids.to(w.device)
+            self._rows = (key, w.index_select(0, ids), None if b is None else b.index_select(0, ids))
+        return self._rows[1], self._rows[2]
 
     def token_features(self, out: torch.Tensor) -> torch.Tensor:
         """EAGLE's output is one predicted feature: it scores the next token ..."""
@@ -234,8 +301,10 @@ class EagleHead(nn.Module):
         return _FastEagleHead(self)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """fc.* and layers.0.* (EAGLE checkpoint key names); no embedding, no LM head."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("fc.", "layers.0."))}
+        """fc.* and layers.0.* (EAGLE checkpoint key names), and the d2t/t2d mapping of a reduced draft
+        vocabulary (not trained: fixed by the data); no embedding, no LM head."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(("fc.", "layers.0.")) or k in MAPPING_KEYS}
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
@@ -289,13 +358,19 @@ def head_from_config(target, cfg_dict: dict | None, cls: type[EagleHead] = Eagle
             raise CheckpointError(f"draft checkpoint has {key} {cfg_dict[key]} but {tname} has {size}; use a draft "
                                   f"checkpoint trained for {tname} (or train one with `specbench train ...`)")
     clean = {k: v for k, v in cfg_dict.items()
-             if k not in ("bias", "architectures", "auto_map", "specbench_head", *own_keys)}
+             if k not in ("bias", "architectures", "auto_map", "specbench_head", DRAFT_VOCAB_KEY, *own_keys)}
     try:
         cfg = tcfg.__class__(**clean)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot build the draft layer from its config.json: "
                               f"{type(e).__name__}: {e}") from e
-    return cls.for_target(target, fc_bias=bool(cfg_dict.get("bias", True)), config=cfg, **options)
+    try:
+        n_draft = int(cfg_dict.get(DRAFT_VOCAB_KEY) or 0)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json's {DRAFT_VOCAB_KEY} {cfg_dict[DRAFT_VOCAB_KEY]!r} is not an "
+                              "integer") from None
+    return cls.for_target(target, fc_bias=bool(cfg_dict.get("bias", True)), config=cfg, draft_vocab_size=n_draft,
+                          **options)
 
 
 def _build(target, cfg_dict: dict | None) -> EagleHead:
@@ -315,7 +390,19 @@ def head_config(head: EagleHead) -> dict:
     if isinstance(rope, dict) and "rope_theta" in rope:
         cfg["rope_theta"] = rope["rope_theta"]  # the key EAGLE's EConfig (transformers 4.x) reads
     cfg["torch_dtype"] = str(next(head.parameters()).dtype).removeprefix("torch.")
+    if head.draft_vocab_size:
+        cfg[DRAFT_VOCAB_KEY] = head.draft_vocab_size
     return cfg
+
+
+def mapping_hint(cfg: dict, keys: list[str]) -> str:
+    """Why d2t/t2d keys are missing or unexpected, from config.json's draft_vocab_size."""
+    if not set(keys) & set(MAPPING_KEYS):
+        return ""
+    n = cfg.get(DRAFT_VOCAB_KEY)
+    return (f" (config.json says {DRAFT_VOCAB_KEY}={n}: the d2t/t2d mapping of its draft vocabulary must be in the "
+            "weights)" if n else f" (config.json names no {DRAFT_VOCAB_KEY}, so the head has the full vocabulary and "
+            "no d2t/t2d mapping)")
 
 
 def _arch_name(head: EagleHead) -> str:
@@ -327,7 +414,8 @@ def _arch_name(head: EagleHead) -> str:
 EAGLE_ARCH = HeadArch(
     "eagle", _build, head_config,
     copies={EMBED_KEY: lambda target: target_parts(target)[1].weight},
-    key_hint=lambda cfg, keys: (f" (config.json says bias={bool(cfg.get('bias', True))}; the fc.bias key must agree)"
-                                if "fc.bias" in keys else ""),
+    key_hint=lambda cfg, keys: mapping_hint(cfg, keys) + (
+        f" (config.json says bias={bool(cfg.get('bias', True))}; the fc.bias key must agree)" if "fc.bias" in keys
+        else ""),
     description="EAGLE-1/2 head: fc(cat(embed, feature)) -> one decoder layer of the target's architecture",
 )

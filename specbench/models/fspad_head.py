@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .draft_heads import CheckpointError, HeadArch
-from .eagle_head import EAGLE_ARCH, EagleHead, head_config, head_from_config
+from .eagle_head import EAGLE_ARCH, EagleHead, head_config, head_from_config, mapping_hint
 from .hf_compat import cache_kwargs
 
 __all__ = ["FSPAD_ARCH", "VARIANTS", "VARIANT_KEY", "EMLP", "FeatureSampler", "FspadHead"]
@@ -88,10 +88,11 @@ class FspadHead(EagleHead):
     """The EAGLE head with FSPAD's Feature Sampler (`sampler`) and/or PAD's 2H output (`pad`), by `variant`."""
 
     def __init__(self, config, embed_tokens: nn.Embedding, lm_head: nn.Linear, fc_bias: bool = True, *,
-                 variant: str = "fspad", layer_cls=None, rotary_cls=None):
+                 variant: str = "fspad", layer_cls=None, rotary_cls=None, draft_vocab_size: int = 0):
         if variant not in VARIANTS:
             raise ValueError(f"unknown FSPAD variant {variant!r}; known: {', '.join(VARIANTS)}")
-        super().__init__(config, embed_tokens, lm_head, fc_bias, layer_cls=layer_cls, rotary_cls=rotary_cls)
+        super().__init__(config, embed_tokens, lm_head, fc_bias, layer_cls=layer_cls, rotary_cls=rotary_cls,
+                         draft_vocab_size=draft_vocab_size)
         self.variant = variant
         self.sampler, self.pad = VARIANTS[variant]
         ref = lm_head.weight  # where EAGLE's part of the head lives
@@ -147,7 +148,8 @@ def _key_hint(cfg: dict, keys: list[str]) -> str:
     variant = cfg.get(VARIANT_KEY)
     said = (f"config.json says {VARIANT_KEY}={variant}" if variant
             else f"config.json names no {VARIANT_KEY}, read as fspad")
-    return f" ({said}; an ablation's checkpoint needs \"{VARIANT_KEY}\": \"wofs\" or \"mlplin\")"
+    return mapping_hint(cfg, keys) or (
+        f" ({said}; an ablation's checkpoint needs \"{VARIANT_KEY}\": \"wofs\" or \"mlplin\")")
 
 
 FSPAD_ARCH = HeadArch(

@@ -8,7 +8,11 @@ Loss (SafeAILab/EAGLE eagle/train/main.py; FSPAD/HASS keep it as their base):
 with v_w = 1.0, p_w = 0.1; the target distribution is ``softmax(lm_head(f_{t+1}))`` under no_grad. Both
 terms use the loss mask (assistant-reply tokens). The CE term needs the frozen LM head (vocab x hidden)
 twice per token, the dominant cost on CPU: `ce_fraction` < 1 computes it on a random subset of the
-masked positions (an unbiased estimate of the same masked mean; recorded in the manifest).
+masked positions (an unbiased estimate of the same masked mean; recorded in the manifest), and
+`draft_vocab` N > 0 computes both distributions over the training data's N most frequent assistant tokens
+only (EAGLE-3, FR-Spec): the target's softmax renormalised over them, the best a drafter confined to them
+can match (its acceptance at T > 0 is the target's mass on them; at T=0 the target's argmax is among them
+or no draft is accepted). The head keeps that vocabulary as its d2t/t2d mapping and drafts over it.
 Augmentation: EAGLE's uniform noise on the input features (or gaussian, or none).
 """
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .losses import distribution_loss, feature_loss, masked_positions
-from .tasks import Task, TaskOptions, frozen_lm_head_fn
+from .tasks import Task, TaskOptions
 
 __all__ = ["EagleOptions", "EagleTask", "add_feature_noise", "build_head", "eagle_loss", "main"]
 
@@ -49,6 +53,10 @@ class EagleOptions(TaskOptions):
     embed_init_scale: str | float = field(default="auto", metadata={
         "parse": _auto_or_float,
         "help": "scale of fc's embedding-half init: 'auto' = std(features)/std(embedding), or a number"})
+    draft_vocab: int = field(default=0, metadata={
+        "help": "train and draft over the training data's N most frequent assistant tokens (EAGLE-3's d2t/t2d "
+                "mapping in the checkpoint; the target's distribution renormalised over them); 0 = the full "
+                "vocabulary"})
 
 
 def add_feature_noise(feats: torch.Tensor, kind: str, std: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -140,8 +148,24 @@ class EagleTask(Task):
             sample = torch.cat([data[i]["hidden"] for i in range(min(8, len(data)))])
             scale = round(float(sample.std() / model.get_input_embeddings().weight.float().std()), 3)
         self.embed_scale = float(scale)
-        self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
-        return build_head(model, seed=seed, embed_init_scale=self.embed_scale, **self.head_options())
+        N = int(self.opts.draft_vocab)
+        head = build_head(model, seed=seed, embed_init_scale=self.embed_scale, **self.head_options(),
+                          **({"draft_vocab_size": N} if N else {}))
+        if N:
+            from .features import assistant_token_ranking
+
+            if data is None:
+                raise ValueError("draft_vocab needs the training data (its assistant-token frequencies)")
+            V = head.vocab_size
+            if not 0 < N < V:
+                raise ValueError(f"draft_vocab must lie in 1..{V - 1} (0 = the full vocabulary), got {N}")
+            ranked, _ = assistant_token_ranking(data, V)
+            seen = set(ranked)
+            head.set_draft_vocab((ranked + [i for i in range(V) if i not in seen])[:N])  # unseen ids last, by id
+        # the target's distribution over the rows the head scores (all, or the draft vocabulary's)
+        w, b = head.scored_rows()
+        self._target_head = lambda x: torch.nn.functional.linear(x.to(w.dtype), w, b)
+        return head
 
     def head_options(self) -> dict:
         """`build_head`'s `cls` and constructor options (EAGLE's head: none)."""

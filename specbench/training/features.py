@@ -30,7 +30,8 @@ import torch
 from ..artifacts import sha256_bytes, sha256_json, utc_now, write_json
 
 __all__ = ["FeatureExample", "feature_cache_key", "feature_cache_dir", "extract_features", "load_feature_cache",
-           "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations"]
+           "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations",
+           "assistant_token_ranking"]
 
 _FORMAT = 1
 log = logging.getLogger(__name__)
@@ -208,6 +209,22 @@ class FeatureCache:
 
 def load_feature_cache(path: Path) -> FeatureCache:
     return FeatureCache(path)
+
+
+def assistant_token_ranking(cache, vocab_size: int) -> tuple[list[int], np.ndarray]:
+    """(ids of the assistant (loss) tokens of `cache` (a FeatureCache, or any sequence of rows with input_ids and
+    loss_mask), most frequent first, ties by id; the count of every id): the frequency ranking a reduced draft
+    vocabulary is taken from (EAGLE-3, FR-Spec)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    if isinstance(cache, FeatureCache):  # the token columns only, not the hidden states
+        cols = cache.dataset.select_columns(["input_ids", "loss_mask"]).with_format("numpy")
+    else:
+        cols = [{k: np.asarray(r[k]) for k in ("input_ids", "loss_mask")} for r in cache]
+    for row in cols:
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
+    seen = np.flatnonzero(counts)
+    return seen[np.lexsort((seen, -counts[seen]))].tolist(), counts
 
 
 # ---------------------------------------------------------------- end to end: data -> cache

@@ -40,13 +40,9 @@ def write_draft_vocab(out: Path, cache, vocab_size: int) -> dict:
     """
     import numpy as np
 
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    cols = cache.dataset.select_columns(["input_ids", "loss_mask"]).with_format("numpy")
-    for row in cols:
-        ids = np.asarray(row["input_ids"], dtype=np.int64)
-        counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
-    seen = np.flatnonzero(counts)
-    ranked = seen[np.lexsort((seen, -counts[seen]))].tolist()
+    from .features import assistant_token_ranking
+
+    ranked, counts = assistant_token_ranking(cache, vocab_size)
     write_json(Path(out) / DRAFT_VOCAB_FILE, ranked, indent=None)
     total = int(counts.sum())
     top = np.sort(counts)[::-1]
@@ -66,7 +62,8 @@ def init_state(head, given: dict, wanted: dict, source) -> None:
                               + "; start from a checkpoint of the same configuration (layers, variant, draft "
                               "vocabulary)")
     # in place over the full state dict: what the task froze (not exported) stays as the head made it
-    head.load_state_dict({**head.state_dict(), **{k: v.float() for k, v in given.items()}}, strict=True)
+    head.load_state_dict({**head.state_dict(), **{k: v.float() if v.is_floating_point() else v
+                                                   for k, v in given.items()}}, strict=True)
 
 
 def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int | None = 1000,
@@ -153,7 +150,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     shutil.copyfile(Path(work_dir) / "loss_log.jsonl", out / "loss_log.jsonl")
     import accelerate
 
-    n_params = sum(v.numel() for v in task.exported_state(head).values())
+    n_params = sum(v.numel() for v in task.exported_state(head).values() if v.is_floating_point())
     manifest = {
         "method": task.name,
         "format": task.format(),

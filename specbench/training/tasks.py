@@ -116,11 +116,14 @@ class Task(abc.ABC):
 @torch.no_grad()
 def head_heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int = 512) -> dict:
     """Top-1 agreement of the head's next-token prediction with the target's argmax, teacher-forced with
-    the target's true features (the training-time accuracy, i.e. draft depth 1), on assistant tokens."""
+    the target's true features (the training-time accuracy, i.e. draft depth 1), on assistant tokens. A
+    head with a reduced draft vocabulary predicts among its ids; the target's argmax is over all of them."""
     from .features import target_hidden_states
     from .sharegpt import format_conversation
 
     head.eval()
+    target_logits = frozen_lm_head_fn(model.get_output_embeddings())
+    draft_ids = getattr(head, "draft_ids", None)
     hit = n = 0
     for _, conv in conversations:
         f = format_conversation(tokenizer, conv, max_tokens)
@@ -132,9 +135,10 @@ def head_heldout_accuracy(head, model, tokenizer, conversations, max_tokens: int
         T = ids.shape[1] - 1
         out = head(ids[:, 1:], h[:, :T], torch.arange(T, device=dev)[None])
         m = torch.tensor(f.loss_mask[1:], dtype=torch.bool, device=dev)
-        hl = head.logits(head.token_features(out)[0][m])
-        tl = head.logits(h[0, 1:][m])
-        hit += int((hl.argmax(-1) == tl.argmax(-1)).sum())
+        pred = head.logits(head.token_features(out)[0][m]).argmax(-1)
+        if draft_ids is not None:
+            pred = draft_ids.to(pred.device)[pred]
+        hit += int((pred == target_logits(h[0, 1:][m]).argmax(-1)).sum())
         n += int(m.sum())
     return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
 
