@@ -327,6 +327,45 @@ def test_a_violated_claim_between_comparable_runs_is_reported(tmp_path, capsys):
     assert cr["checked"] and not cr["holds"] and cr["reason"] == ""
 
 
+def _doc_per_prompt(method: str, params: dict, steps_per_prompt: list[list[int]]) -> dict:
+    """make_doc with each prompt's own step sizes (24 tokens each), the summary recomputed from them."""
+    doc = make_doc(method, "mt_bench", params=params, n=len(steps_per_prompt), limit=len(steps_per_prompt))
+    for smp, steps in zip(doc["samples"], steps_per_prompt):
+        assert sum(steps) == 24
+        smp["runs"][method] = _rec(24, steps, 1.0)
+    doc["summary"][method].update(metrics.summarize([smp["runs"][method] for smp in doc["samples"]]))
+    return doc
+
+
+def test_a_tau_claim_verdict_carries_a_paired_prompt_bootstrap_interval(tmp_path):
+    """Prompts differ a lot in how much any method accepts; eagle2 beats eagle by a little on every one: the
+    paired interval lies above 0 (holds), though the two runs' tau ranges overlap. A gap on some prompts and
+    a loss on others: within noise. Identical per-prompt figures: a zero-width interval."""
+    claim = {"id": "e2", "better": "eagle2", "worse": "eagle", "metric": "tau"}
+    easy, hard = [6, 6, 6, 6], [1] * 24  # tau 6 and 1
+    easier, harder = [8, 8, 8], [2] * 12  # tau 8 and 2: one step size more than eagle's on each prompt
+    prompts_e = [easy, hard] * 5
+    d = tmp_path / "paired"
+    d.mkdir()
+    write(d / "eagle.json", _doc_per_prompt("eagle", EAGLE_CPU10, prompts_e))
+    write(d / "eagle2.json", _doc_per_prompt("eagle2", dict(EAGLE2_AT, total_tokens=11), [easier, harder] * 5))
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [claim])
+    lo, hi = cr["interval"]
+    assert cr["verdict"] == "holds" and cr["holds"] and 0 < lo <= hi
+    # mixed: eagle2 wins big on three prompts (12 vs 6) and loses on two (1 vs 6)
+    write(d / "eagle2.json", _doc_per_prompt("eagle2", dict(EAGLE2_AT, total_tokens=11),
+                                             [[12, 12], hard, hard, hard] * 2 + [[12, 12], hard]))
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [claim])
+    lo, hi = cr["interval"]
+    assert cr["verdict"] == "within noise" and lo < 0 < hi
+    write(d / "eagle2.json", _doc_per_prompt("eagle2", dict(EAGLE2_AT, total_tokens=11), prompts_e))
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [claim])
+    assert cr["interval"] == (0.0, 0.0) and cr["verdict"] == "within noise" and not cr["holds"]
+    # a speed claim is judged on the point values
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [dict(claim, metric="speedup")])
+    assert cr["interval"] is None and cr["verdict"] in ("holds", "violated")
+
+
 @pytest.mark.parametrize("eagle2_params,tokens,why", [
     (dict(EAGLE2_AT, total_tokens=8), 24, "eagle2 verifies 8 tree nodes (draft_vocab 0), eagle 11 tree nodes"),
     (dict(EAGLE2_AT, total_tokens=11, draft_vocab=4096), 24, "(draft_vocab 4096)"),

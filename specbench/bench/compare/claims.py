@@ -14,12 +14,25 @@ pair makes it meaningful:
 Any other pair is reported as "not checked" with the reason, never as holding or violated:
 an EAGLE-2 run of 8 tree nodes says nothing about the paper's 60-node EAGLE-2 against EAGLE's
 26-node tree.
+
+The verdict. A checked tau claim carries a 95% interval of the difference tau(better) - tau(worse)
+from a paired bootstrap over the prompts both runs measured (a prompt's turns resampled together;
+tau of a resample is its new tokens over its steps, as the runs' own tau): it "holds" when the
+interval lies above 0, is "VIOLATED" when below, and is "within noise" when it contains 0, i.e. when
+other prompts of the same set could reverse the order. The interval is that of the prompt sample
+only: a second training seed of the heads adds its own spread. Other metrics, and runs that do not
+record their samples, are judged on the point values.
 """
 
 from __future__ import annotations
 
+import random
+
 from ...errors import UsageError
 from .runs import Run
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same interval
 
 
 def _methods() -> dict:
@@ -68,11 +81,49 @@ def why_not_comparable(a: Run, b: Run, methods: dict, metric: str = "tau") -> st
     return "; ".join(why) or None
 
 
+def tau_difference_interval(a: Run, b: Run, level: float = 0.95) -> tuple[float, float] | None:
+    """The `level` interval of tau(a) - tau(b) by a paired bootstrap over the prompts both runs measured
+    (turns of one prompt kept together), or None when either run lacks its samples or they share none."""
+    if not a.per_sample or not b.per_sample:
+        return None
+    keys = sorted(a.per_sample.keys() & b.per_sample.keys())
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for k in keys:
+        groups.setdefault(k[0], []).append(k)
+    if len(groups) < 2:
+        return None
+    # per prompt: (new tokens, steps) of each run over its turns
+    rows = [tuple(sum(run.per_sample[k][i] for k in ks) for run in (a, b) for i in (0, 1)) for ks in groups.values()]
+    if any(r[1] == 0 or r[3] == 0 for r in rows):
+        return None
+    rng = random.Random(BOOTSTRAP_SEED)
+    n = len(rows)
+    diffs = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        t = [0, 0, 0, 0]
+        for _ in range(n):
+            r = rows[rng.randrange(n)]
+            t = [t[i] + r[i] for i in range(4)]
+        diffs.append(t[0] / t[1] - t[2] / t[3])
+    diffs.sort()
+    lo = diffs[int((1 - level) / 2 * (len(diffs) - 1))]
+    hi = diffs[int((1 + level) / 2 * (len(diffs) - 1))]
+    return lo, hi
+
+
+def _verdict(holds: bool, interval: tuple[float, float] | None) -> str:
+    if interval is None:
+        return "holds" if holds else "violated"
+    return "holds" if interval[0] > 0 else "violated" if interval[1] < 0 else "within noise"
+
+
 def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
     """Each claim on every pair of runs (same target, dataset and T) of its two methods.
 
     A result holds the claim, the row (target, dataset, temperature), the labels and values of the
-    pair, `checked` and, when checked, `holds`; else `reason` (see the module's rule).
+    pair, `checked` and, when checked, `holds` (the point values' order), `interval` (tau claims: the 95%
+    paired-bootstrap interval of the difference, or None) and `verdict` (holds / violated / within noise);
+    else `reason` (see the module's rule).
     """
     by_setting: dict[tuple, list[Run]] = {}
     for r in runs:
@@ -91,8 +142,11 @@ def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
                     reason = why_not_comparable(a, b, methods, cl["metric"])
                     if reason is None and (va is None or vb is None):
                         reason = f"{cl['metric']} not measured"
+                    holds = reason is None and va > vb
+                    interval = tau_difference_interval(a, b) if reason is None and cl["metric"] == "tau" else None
                     out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
                                 "labels": (a.label, b.label), "better": va, "worse": vb,
-                                "checked": reason is None, "holds": reason is None and va > vb,
+                                "checked": reason is None, "holds": holds, "interval": interval,
+                                "verdict": _verdict(holds, interval) if reason is None else None,
                                 "reason": reason or ""})
     return out

@@ -167,8 +167,11 @@ def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
             where = ((f"{cr['target']} " if several_targets else "") + f"{cr['dataset']} T={cr['temperature']:g}"
                      + ("" if cr["labels"] == (cl["better"], cl["worse"]) else " ({} vs {})".format(*cr["labels"])))
             if cr["checked"]:
-                out.append(f"    {'holds' if cr['holds'] else 'VIOLATED'} on {where}: "
-                           f"{fmt(cl['metric'], cr['better'])} vs {fmt(cl['metric'], cr['worse'])}")
+                verdict = {"violated": "VIOLATED"}.get(cr["verdict"], cr["verdict"])
+                ci = cr.get("interval")
+                out.append(f"    {verdict} on {where}: {fmt(cl['metric'], cr['better'])} vs "
+                           f"{fmt(cl['metric'], cr['worse'])}" + (f" (difference, 95% over prompts: {ci[0]:+.3f} "
+                                                                  f"to {ci[1]:+.3f})" if ci else ""))
             else:
                 unchecked.setdefault(cr["reason"], []).append(where)
         for reason, wheres in unchecked.items():

@@ -38,6 +38,8 @@ class Run:
     label: str = ""
     extra: dict = field(default_factory=dict)  # e.g. Spec-Bench speed.py numbers of an imported file
     runtime: str = "hf"  # the target's decoder runtime (files written before there was a choice ran hf)
+    # (prompt id, turn) -> (new tokens, steps) of the method on each finished sample; None when not recorded
+    per_sample: dict | None = None
 
     @property
     def hardware(self) -> str | None:
@@ -154,7 +156,21 @@ def run_from_document(doc: dict, source: str) -> Run:
         summary=mine, vanilla=vanilla, env=doc.get("environment") or {},
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
         label=method, extra=dict(doc.get("compare_extra") or {}), runtime=str(cfg.get("runtime") or "hf"),
+        per_sample=_per_sample(doc.get("samples"), method),
     )
+
+
+def _per_sample(samples, method: str) -> dict | None:
+    """(prompt id, turn) -> (new tokens, steps) of `method` in each sample, or None if any sample lacks them."""
+    if not isinstance(samples, list) or not samples:
+        return None
+    out = {}
+    for s in samples:
+        r = (s.get("runs") or {}).get(method) if isinstance(s, dict) else None
+        if not isinstance(r, dict) or not is_num(r.get("new_tokens")) or not isinstance(r.get("steps"), list):
+            return None
+        out[(str(s.get("id")), int(s.get("turn") or 0))] = (int(r["new_tokens"]), len(r["steps"]))
+    return out
 
 
 def _finished_prompts(planned, samples) -> list | None:
