@@ -348,14 +348,17 @@ def test_distill_corpus_regenerates_answers_as_token_ids_and_resumes(tiny, share
         raise AssertionError("a finished batch was generated again")
 
     monkeypatch.setattr("specbench.training.corpus._answer_batch", boom)
+    before = (tmp_path / "c" / "MANIFEST.json").read_bytes()
     assert _corpus(tiny, sharegpt_file, tmp_path / "c")["content_sha256"] == man["content_sha256"]
+    assert (tmp_path / "c" / "MANIFEST.json").read_bytes() == before  # a complete corpus is left as it is
     monkeypatch.undo()
     # a kill in the middle of the last batch's write: a cut gzip member at the end of the file
     f = tmp_path / "c" / CORPUS_FILE
     member = gzip.compress(b'{"index":4,"id":"c4","input_ids":[1,2')
     f.write_bytes(f.read_bytes() + member[:len(member) // 2])
     again = _corpus(tiny, sharegpt_file, tmp_path / "c")
-    assert again["content_sha256"] == man["content_sha256"] and len(again["runs"]) == 3
+    assert again["content_sha256"] == man["content_sha256"] and len(again["runs"]) == 2  # the file cleaned
+    assert again["file_bytes"] == f.stat().st_size
     assert [x.input_ids for x in load_corpus(tmp_path / "c").records] == [x.input_ids for x in cp.records]
     # and a cut inside a finished batch's records (the last one dropped): that batch is generated again
     with gzip.open(f, "rt") as fh:

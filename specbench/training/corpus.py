@@ -163,13 +163,11 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
     """
     from tqdm.auto import tqdm
 
-    from ..models.registry import cache_dir
     from .sharegpt import format_conversation, select_training_conversations
 
     out_dir = Path(out_dir)
     tok = target.tokenizer
-    sel = select_training_conversations(data, start=start, max_conversations=max_conversations,
-                                        cache=cache_dir(), progress=progress)
+    sel = select_training_conversations(data, start=start, max_conversations=max_conversations, progress=progress)
     log.info(f"distill: {sel.describe()}")
     settings = [(float(t), float(p)) for t, p in settings]
     spec = {"format": _FORMAT, "target": target.name, "target_sha256": target.weights_sha256,
@@ -194,7 +192,8 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
     by_index = {r["index"]: r for r in recs}
     done = {k for k, (_, _, idx) in enumerate(batches) if all(i in by_index for i in idx)}
     complete_batches = {i for k in done for i in batches[k][2]}
-    if not clean or len(by_index) != len(recs) or set(by_index) != complete_batches:
+    rewrite = not clean or len(by_index) != len(recs) or set(by_index) != complete_batches
+    if rewrite:
         keep = [by_index[i] for k in sorted(done) for i in batches[k][2]]
         log.info(f"distill: {path} ends in a cut batch; keeping the {len(keep)} records of complete batches")
         tmp = path.with_name(path.name + ".tmp")
@@ -202,6 +201,10 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
             f.writelines(_line(r) + "\n" for r in keep)
         tmp.replace(path)
         by_index = {r["index"]: r for r in keep}
+    todo = [k for k in range(len(batches)) if k not in done]
+    if manifest is not None and manifest.get("complete") and not todo and not rewrite:
+        log.info(f"distill: {out_dir} is complete ({manifest['conversations_answered']} answered conversations)")
+        return manifest  # nothing to do: the manifest (a committed file) stays as it is
     manifest = manifest or {"kind": "specbench.corpus", "spec": spec, "created": utc_now(), "runs": []}
     run = {"date": utc_now(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
            "environment": environment(torch.device("cpu")), "batches": 0, "seconds": 0.0}
@@ -220,7 +223,6 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
             "generation_seconds": round(sum(r["seconds"] for r in manifest["runs"]), 1)})
         write_json(man_path, manifest, indent=1)
 
-    todo = [k for k in range(len(batches)) if k not in done]
     log.info(f"distill: {len(sel.chosen)} conversations in {len(batches)} batches, {len(done)} already done; "
              f"settings (temperature, top_p) {settings} -> {path}")
     old_side = tok.padding_side

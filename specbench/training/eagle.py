@@ -162,9 +162,13 @@ class EagleTask(Task):
             ranked, _ = assistant_token_ranking(data, V)
             seen = set(ranked)
             head.set_draft_vocab((ranked + [i for i in range(V) if i not in seen])[:N])  # unseen ids last, by id
-        # the target's distribution over the rows the head scores (all, or the draft vocabulary's)
-        w, b = head.scored_rows()
-        self._target_head = lambda x: torch.nn.functional.linear(x.to(w.dtype), w, b)
+        # the target's distribution over the rows the head scores (all, or the draft vocabulary's), looked up at
+        # each call: a second phase's --init-from loads its mapping after make_head
+        def target_logits(x: torch.Tensor) -> torch.Tensor:
+            w, b = head.scored_rows()
+            return torch.nn.functional.linear(x.to(w.dtype), w, b)
+
+        self._target_head = target_logits
         return head
 
     def head_options(self) -> dict:
