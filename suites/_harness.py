@@ -502,6 +502,6 @@ def run_claim(ctx: SuiteContext, claim: dict, dataset: str, temperature: float, 
     va, vb = a.value(claim["metric"]), b.value(claim["metric"])
     benchmark.extra_info.update({"claim": claim["text"], "better": va, "worse": vb, "dataset": dataset,
                                  "temperature": temperature})
-    assert va is not None and vb is not None and va > vb, (
-        f"claim not reproduced on {EMBEDDED_TARGET}: {claim['text']} -- {claim['metric']} {claim['better']} "
+    assert va is not None and vb is not None and va > C.claim_threshold(claim, vb), (
+        f"claim not reproduced on {EMBEDDED_TARGET}: {C.claim_statement(claim)} -- {claim['better']} "
         f"{va} vs {claim['worse']} {vb} on {dataset} T={temperature:g}")

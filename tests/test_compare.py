@@ -352,6 +352,15 @@ def test_a_tau_claim_verdict_carries_a_paired_prompt_bootstrap_interval(tmp_path
     [cr] = C.check_claims(C.load_inputs([str(d)]), [claim])
     lo, hi = cr["interval"]
     assert cr["verdict"] == "holds" and cr["holds"] and 0 < lo <= hi
+    # margins: tau 3.2 vs 1.71 clears 1.5 x eagle's but not eagle's + 3 (a resample gains 2 at most: 8 vs 6)
+    ratio, delta = dict(claim, min_ratio=1.5), dict(claim, min_delta=3.0)
+    assert C.claim_statement(ratio) == "eagle2 tau > 1.5 x eagle tau"
+    assert C.claim_statement(delta) == "eagle2 tau > eagle tau + 3"
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [ratio])
+    assert cr["holds"] and cr["verdict"] == "holds" and cr["interval"][0] > 0
+    [cr] = C.check_claims(C.load_inputs([str(d)]), [delta])
+    assert not cr["holds"] and cr["verdict"] == "violated" and cr["interval"][1] < 0
+    assert C.claim_threshold(ratio, 2.0) == 3.0 and C.claim_threshold(delta, 2.0) == 5.0
     # mixed: eagle2 wins big on three prompts (12 vs 6) and loses on two (1 vs 6)
     write(d / "eagle2.json", _doc_per_prompt("eagle2", dict(EAGLE2_AT, total_tokens=11),
                                              [[12, 12], hard, hard, hard] * 2 + [[12, 12], hard]))
@@ -790,6 +799,10 @@ def test_unwritable_outputs_fail_before_any_table(tmp_path, capsys, monkeypatch,
      "claims[0].temperatures must be a list of numbers"),
     ({"id": "x", "text": "t", "better": "eagle2", "worse": "eagle", "metric": "tau", "datasets": "mt_bench"},
      "claims[0].datasets must be a list"),
+    ({"id": "x", "text": "t", "better": "eagle2", "worse": "eagle", "metric": "tau", "min_ratio": 0},
+     "claims[0].min_ratio must be a number > 0"),
+    ({"id": "x", "text": "t", "better": "eagle2", "worse": "eagle", "metric": "tau", "min_delta": "0.28"},
+     "claims[0].min_delta must be a number"),
 ])
 def test_a_malformed_claims_file_is_one_line(tmp_path, capsys, claim, message):
     c = tmp_path / "c.json"

@@ -1,5 +1,9 @@
 """The papers' ordering claims (e.g. tau(HASS) > tau(EAGLE-2)) checked on the runs of one compare.
 
+A claim says metric(better) > min_ratio x metric(worse) + min_delta (`min_ratio` 1 and `min_delta` 0
+unless the claim gives them: HASS's "8% longer acceptance" is min_ratio 1.08, FSPAD's "+0.28 tokens per
+step" min_delta 0.28).
+
 The rule. A claim "metric(better) > metric(worse)" is checked on a pair of runs only when the
 pair makes it meaningful:
 
@@ -81,9 +85,25 @@ def why_not_comparable(a: Run, b: Run, methods: dict, metric: str = "tau") -> st
     return "; ".join(why) or None
 
 
-def tau_difference_interval(a: Run, b: Run, level: float = 0.95) -> tuple[float, float] | None:
-    """The `level` interval of tau(a) - tau(b) by a paired bootstrap over the prompts both runs measured
-    (turns of one prompt kept together), or None when either run lacks its samples or they share none."""
+def claim_threshold(claim: dict, worse: float) -> float:
+    """What metric(better) must exceed: min_ratio x metric(worse) + min_delta."""
+    return float(claim.get("min_ratio", 1.0)) * worse + float(claim.get("min_delta", 0.0))
+
+
+def claim_statement(claim: dict) -> str:
+    """``hass tau > 1.08 x eagle2 tau``, ``fspad tau > eagle2 tau + 0.28``, ``eagle2 tau > eagle tau``."""
+    r, d, m = float(claim.get("min_ratio", 1.0)), float(claim.get("min_delta", 0.0)), claim["metric"]
+    rhs = (f"{r:g} x " if r != 1 else "") + f"{claim['worse']} {m}"
+    if d:
+        rhs += f" {'+' if d > 0 else '-'} {abs(d):g}"
+    return f"{claim['better']} {m} > {rhs}"
+
+
+def tau_difference_interval(a: Run, b: Run, level: float = 0.95, ratio: float = 1.0,
+                            delta: float = 0.0) -> tuple[float, float] | None:
+    """The `level` interval of tau(a) - (ratio x tau(b) + delta) by a paired bootstrap over the prompts both
+    runs measured (turns of one prompt kept together), or None when either run lacks its samples or they
+    share fewer than two prompts."""
     if not a.per_sample or not b.per_sample:
         return None
     keys = sorted(a.per_sample.keys() & b.per_sample.keys())
@@ -104,7 +124,7 @@ def tau_difference_interval(a: Run, b: Run, level: float = 0.95) -> tuple[float,
         for _ in range(n):
             r = rows[rng.randrange(n)]
             t = [t[i] + r[i] for i in range(4)]
-        diffs.append(t[0] / t[1] - t[2] / t[3])
+        diffs.append(t[0] / t[1] - ratio * t[2] / t[3] - delta)
     diffs.sort()
     lo = diffs[int((1 - level) / 2 * (len(diffs) - 1))]
     hi = diffs[int((1 + level) / 2 * (len(diffs) - 1))]
@@ -142,8 +162,10 @@ def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
                     reason = why_not_comparable(a, b, methods, cl["metric"])
                     if reason is None and (va is None or vb is None):
                         reason = f"{cl['metric']} not measured"
-                    holds = reason is None and va > vb
-                    interval = tau_difference_interval(a, b) if reason is None and cl["metric"] == "tau" else None
+                    holds = reason is None and va > claim_threshold(cl, vb)
+                    interval = (tau_difference_interval(a, b, ratio=float(cl.get("min_ratio", 1.0)),
+                                                        delta=float(cl.get("min_delta", 0.0)))
+                                if reason is None and cl["metric"] == "tau" else None)
                     out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
                                 "labels": (a.label, b.label), "better": va, "worse": vb,
                                 "checked": reason is None, "holds": holds, "interval": interval,

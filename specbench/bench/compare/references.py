@@ -121,6 +121,10 @@ def load_claims(path: Path) -> list[dict]:
         if not isinstance(c, dict) or not all(isinstance(c.get(k), str) for k in ("id", "text", "better", "worse",
                                                                                   "metric")):
             raise CompareError(f"{path}: claims[{i}] needs id, text, better, worse and metric (strings)")
+        for k, low in (("min_ratio", 0.0), ("min_delta", None)):
+            if k in c and not (is_num(c[k]) and (low is None or c[k] > low)):
+                raise CompareError(f"{path}: claims[{i}].{k} must be a number" + (f" > {low:g}" if low is not None
+                                                                                   else ""))
         if "temperatures" in c and (not isinstance(c["temperatures"], list)
                                     or not all(is_num(t) for t in c["temperatures"])):
             raise CompareError(f"{path}: claims[{i}].temperatures must be a list of numbers")

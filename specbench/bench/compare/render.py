@@ -17,6 +17,7 @@ import string
 import textwrap
 
 from ...errors import UsageError
+from .claims import claim_statement
 from .common import METRIC_LABEL, METRICS, VERDICTS
 from .references import RefSet
 from .runs import Run, label_sort_key
@@ -160,8 +161,7 @@ def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
         by_claim.setdefault(cr["claim"].get("id") or cr["claim"]["text"], []).append(cr)
     for results in by_claim.values():
         cl = results[0]["claim"]
-        out.append(f"  {cl['better']} {cl['metric']} > {cl['worse']} {cl['metric']}"
-                   + (f" ({cl['source']})" if cl.get("source") else ""))
+        out.append(f"  {claim_statement(cl)}" + (f" ({cl['source']})" if cl.get("source") else ""))
         unchecked: dict[str, list[str]] = {}
         for cr in results:
             where = ((f"{cr['target']} " if several_targets else "") + f"{cr['dataset']} T={cr['temperature']:g}"
@@ -170,7 +170,7 @@ def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
                 verdict = {"violated": "VIOLATED"}.get(cr["verdict"], cr["verdict"])
                 ci = cr.get("interval")
                 out.append(f"    {verdict} on {where}: {fmt(cl['metric'], cr['better'])} vs "
-                           f"{fmt(cl['metric'], cr['worse'])}" + (f" (difference, 95% over prompts: {ci[0]:+.3f} "
+                           f"{fmt(cl['metric'], cr['worse'])}" + (f" (margin, 95% over prompts: {ci[0]:+.3f} "
                                                                   f"to {ci[1]:+.3f})" if ci else ""))
             else:
                 unchecked.setdefault(cr["reason"], []).append(where)
