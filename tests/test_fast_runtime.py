@@ -47,8 +47,11 @@ def _script(t: Target) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("one_row", ["gemv", "packed"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_every_call_matches_the_hf_runtime(family):
+def test_every_call_matches_the_hf_runtime(family, one_row, monkeypatch):
+    """With either kernel for one-row products (a machine's choice, `fast_runtime.one_row_kernel`)."""
+    monkeypatch.setattr(fast_runtime, "_one_row", one_row)
     model = MODELS[family]()
     fast, hf = Target(model, runtime="fast"), Target(model, runtime="hf")
     assert fast.runtime_name == "fast" and hf.runtime_name == "hf"
@@ -56,6 +59,27 @@ def test_every_call_matches_the_hf_runtime(family):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m, i=i: f"call {i}: {m}")
     for la, lb in zip(fast.cache.layers, hf.cache.layers):  # the same KV rows survive the commits
         torch.testing.assert_close(la.keys, lb.keys, atol=ATOL, rtol=0)
+
+
+def test_the_one_row_kernel_is_chosen_once_and_can_be_pinned(monkeypatch):
+    from specbench.errors import UsageError
+
+    for want in ("gemv", "packed"):
+        monkeypatch.setattr(fast_runtime, "_one_row", None)
+        monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, want)
+        assert fast_runtime.one_row_kernel() == want
+        lin = fast_runtime.FastLinear(torch.randn(8, 4))
+        assert lin.gemv_one_row == (want == "gemv")
+        torch.testing.assert_close(lin(torch.ones(1, 4)), torch.ones(1, 4) @ lin.wt)
+    monkeypatch.setattr(fast_runtime, "_one_row", None)
+    monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, "auto")
+    chosen = fast_runtime.one_row_kernel()
+    assert chosen in ("gemv", "packed")
+    monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, "other")
+    assert fast_runtime.one_row_kernel() == chosen  # once per process: later settings do not flip it
+    monkeypatch.setattr(fast_runtime, "_one_row", None)
+    with pytest.raises(UsageError, match="SPECBENCH_FAST_ONE_ROW='other': expected gemv, packed or auto"):
+        fast_runtime.one_row_kernel()
 
 
 BROKEN = {

@@ -7,9 +7,11 @@ not by arithmetic. transformers' decoder spends most of a one-token forward outs
 BLAS path is slow for 2-16 rows. This runtime computes the same function with fewer, better-chosen calls:
 
 * q/k/v and gate/up are each ONE matrix product over concatenated weights;
-* one row uses ``x @ Wt`` on a kept transposed copy (a GEMV over contiguous rows of Wt), several rows
-  oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), the fastest forms measured on these
-  CPUs (`suites/linear_kernels.py`);
+* several rows use oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`); one row either
+  ``x @ Wt`` on a kept transposed copy (a GEMV over contiguous rows of Wt, the faster on the Intel VMs,
+  `suites/linear_kernels.py`) or the same prepacked linear (faster on an AMD EPYC VM): `one_row_kernel`
+  picks one per process, by a short timing of both over model-sized weights unless
+  ``SPECBENCH_FAST_ONE_ROW=gemv|packed`` says, and the results file records it;
 * RMSNorm is `F.rms_norm`, rotary is applied to q and k heads together, attention is
   `F.scaled_dot_product_attention` over the KV buffer with the caller's additive mask (grouped-query
   attention as plain attention over stacked query rows: the keys are read once, never repeated).
@@ -25,10 +27,61 @@ RMSNorm, optional q/k/v/o biases) on CPU. `fast_supported` says why another mode
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastDecoder", "FastLayer", "FastLinear", "fast_supported", "past_length", "rope"]
+from ..errors import UsageError
+
+__all__ = ["FastDecoder", "FastLayer", "FastLinear", "fast_supported", "one_row_kernel", "past_length", "rope"]
+
+ONE_ROW_ENV = "SPECBENCH_FAST_ONE_ROW"
+_one_row: str | None = None  # this process's choice, made once
+
+
+def one_row_kernel() -> str:
+    """The kernel of one-row products in this process: ``gemv`` or ``packed``.
+
+    ``SPECBENCH_FAST_ONE_ROW`` (gemv, packed, auto) decides; auto (the default) times both, interleaved,
+    over 8 layers' worth of SmolLM2-shaped float32 weights (~130 MB, more than a CPU cache, visited in order
+    as a forward visits its layers), and takes ``packed`` only when it is at least 10% faster, so a close
+    call keeps the GEMV and the choice does not flip between runs of one machine.
+    """
+    global _one_row
+    if _one_row is None:
+        want = os.environ.get(ONE_ROW_ENV, "auto").strip().lower()
+        if want not in ("auto", "gemv", "packed"):
+            raise UsageError(f"{ONE_ROW_ENV}={want!r}: expected gemv, packed or auto")
+        if want == "packed" and not torch.backends.mkldnn.is_available():
+            raise UsageError(f"{ONE_ROW_ENV}=packed needs oneDNN (torch.backends.mkldnn), which this torch lacks")
+        _one_row = want if want != "auto" else _calibrate()
+    return _one_row
+
+
+def _calibrate() -> str:
+    if not torch.backends.mkldnn.is_available():
+        return "gemv"
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1728, 576), (576, 576), (3072, 576), (576, 1536)] * 8
+    ws = [torch.randn(o, i, generator=g) for o, i in shapes]
+    wts = [w.t().contiguous() for w in ws]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
+    xs = {i: torch.randn(1, i, generator=g) for i in {i for _, i in shapes}}
+    times: dict[str, list[float]] = {"gemv": [], "packed": []}
+    with torch.inference_mode():
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for (_, i), wt in zip(shapes, wts):
+                xs[i] @ wt
+            times["gemv"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for (_, i), p in zip(shapes, packed):
+                torch.ops.mkldnn._linear_pointwise(xs[i], p, None, "none", [], "")
+            times["packed"].append(time.perf_counter() - t0)
+    return "packed" if statistics.median(times["packed"]) < 0.9 * statistics.median(times["gemv"]) else "gemv"
 
 _FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -66,9 +119,10 @@ class FastLinear:
         self.packed = None
         if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)  # blocked layout for 2+ rows
+        self.gemv_one_row = self.packed is None or one_row_kernel() == "gemv"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 or self.packed is None:
+        if (x.shape[0] == 1 and self.gemv_one_row) or self.packed is None:
             y = x @ self.wt
             return y if self.bias is None else y + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
