@@ -23,7 +23,13 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["DraftVocab"]
+__all__ = ["DraftVocab", "complete_ranking"]
+
+
+def complete_ranking(ranked: list[int], vocab_size: int) -> list[int]:
+    """`ranked` followed by every id below `vocab_size` it lacks, in id order: a ranking of the whole vocabulary."""
+    listed = set(ranked)
+    return list(ranked) + [i for i in range(vocab_size) if i not in listed]
 
 
 class DraftVocab:
@@ -93,8 +99,7 @@ class DraftVocab:
             try:
                 ids = [int(i) for i in json.loads(Path(f).read_text())]
                 if ids and all(0 <= i < V for i in ids):
-                    listed = set(ids)
-                    return ids + [i for i in range(V) if i not in listed]  # unlisted ids last, in order
+                    return complete_ranking(ids, V)  # unlisted ids last, in order
             except (OSError, ValueError, TypeError):
                 pass
             raise UsageError(f"{f} is not a JSON list of token ids below {V}")

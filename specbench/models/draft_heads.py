@@ -93,6 +93,13 @@ class DraftHead(Protocol):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor: ...
 
+    # A head trained over a reduced draft vocabulary: the target id of each draft id (None: the full
+    # vocabulary), and the LM-head rows `logits` scores, in draft-id order.
+    @property
+    def draft_ids(self) -> torch.Tensor | None: ...
+
+    def scored_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 

@@ -275,12 +275,11 @@ class EagleHead(nn.Module):
         once per mapping: the LM head is frozen)."""
         w = self._lm_head.weight.detach()
         b = self._lm_head.bias.detach() if getattr(self._lm_head, "bias", None) is not None else None
-        ids = self.draft_ids
-        if ids is None:
+        if not self.draft_vocab_size:
             return w, b
         key = (self.d2t._version, self.d2t.data_ptr(), w.data_ptr(), w.dtype, w.device)
         if self._rows is None or self._rows[0] != key:
-            ids = ids.to(w.device)
+            ids = self.draft_ids.to(w.device)
             self._rows = (key, w.index_select(0, ids), None if b is None else b.index_select(0, ids))
         return self._rows[1], self._rows[2]
 

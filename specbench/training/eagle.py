@@ -152,6 +152,7 @@ class EagleTask(Task):
         head = build_head(model, seed=seed, embed_init_scale=self.embed_scale, **self.head_options(),
                           **({"draft_vocab_size": N} if N else {}))
         if N:
+            from ..methods.draft_vocab import complete_ranking
             from .features import assistant_token_ranking
 
             if data is None:
@@ -159,9 +160,7 @@ class EagleTask(Task):
             V = head.vocab_size
             if not 0 < N < V:
                 raise ValueError(f"draft_vocab must lie in 1..{V - 1} (0 = the full vocabulary), got {N}")
-            ranked, _ = assistant_token_ranking(data, V)
-            seen = set(ranked)
-            head.set_draft_vocab((ranked + [i for i in range(V) if i not in seen])[:N])  # unseen ids last, by id
+            head.set_draft_vocab(complete_ranking(assistant_token_ranking(data, V)[0], V)[:N])
         # the target's distribution over the rows the head scores (all, or the draft vocabulary's), looked up at
         # each call: a second phase's --init-from loads its mapping after make_head
         def target_logits(x: torch.Tensor) -> torch.Tensor:
