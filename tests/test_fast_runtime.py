@@ -138,22 +138,24 @@ def _head_script(forward, head, kv) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("variant", ["eagle", "fspad", "wofs", "mlplin"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_the_eagle_heads_fast_forward_matches_its_forward(family):
-    """A tree drafter on the fast runtime drafts with `EagleHead.fast()`: the head's function to rounding, on
-    every kind of call; FSPAD's head, whose layer differs, keeps its own forward."""
+def test_the_draft_heads_fast_forward_matches_its_forward(family, variant):
+    """A tree drafter on the fast runtime drafts with the head's `fast()`: the head's function to rounding, on
+    every kind of call, for EAGLE's head and FSPAD's (sampler, PAD's 2H output, and each alone)."""
     from specbench.models.eagle_head import EagleHead
     from specbench.models.fspad_head import FspadHead
     from specbench.models.target import buffer_cache
 
     target = Target(MODELS[family](), runtime="fast")
-    head = EagleHead.for_target(target).eval()
+    torch.manual_seed(2)
+    head = (EagleHead.for_target(target) if variant == "eagle" else FspadHead.for_target(target, variant=variant))
+    head = head.eval()
     with torch.inference_mode():
         ref = _head_script(head, head, buffer_cache())
     got = _head_script(head.fast(), head, buffer_cache())
     for i, (a, b) in enumerate(zip(got, ref)):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m, i=i: f"call {i}: {m}")
-    assert FspadHead.for_target(target).fast() is None
-    drafter = get_method("eagle2").drafter(target, SamplingConfig(), None,
-                                           **get_method("eagle2").params({"checkpoint": head}))
-    assert drafter.run_head is not drafter.head  # ... and the eagle2 drafter uses it on this runtime
+    method = get_method("eagle2" if variant == "eagle" else "fspad")
+    drafter = method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": head}))
+    assert drafter.run_head is not drafter.head  # ... and the tree drafter uses it on this runtime

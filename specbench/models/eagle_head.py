@@ -293,11 +293,16 @@ class EagleHead(nn.Module):
 
     def fast(self) -> _FastEagleHead | None:
         """This head's forward on the fast runtime's kernels for decoding (batch 1, no gradients), or None
-        where a subclass changes `fuse` or `decode` (it drafts with `forward`). Its weights are copies taken
-        now: a head trained afterwards needs a new one."""
+        where a subclass changes `fuse` or `decode` without saying how they run there (it drafts with
+        `forward`). Its weights are copies taken now: a head trained afterwards needs a new one."""
         if type(self).fuse is not EagleHead.fuse or type(self).decode is not EagleHead.decode:
             return None
         return _FastEagleHead(self)
+
+    def fast_fuse(self):
+        """`fuse` on the fast kernels: a callable (embeddings (T, H), features (T, H)) -> (T, H)."""
+        fc = FastLinear(self.fc.weight, self.fc.bias)
+        return lambda emb, feats: fc(torch.cat((emb, feats), dim=-1))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """fc.* and layers.0.* (EAGLE checkpoint key names), and the d2t/t2d mapping of a reduced draft
@@ -312,11 +317,12 @@ class EagleHead(nn.Module):
 class _FastEagleHead:
     """`EagleHead.forward` for one sequence over `fast_runtime`'s kernels: the same function up to float
     rounding (fc and the layer's projections as `FastLinear`, the layer as `FastLayer`), the head's own mask
-    rule, rotary module and embedding. `past_key_values` is required (its first layer is appended to)."""
+    rule, rotary module and embedding. `past_key_values` is required (its first layer is appended to). A
+    subclass's head runs here through its `fast_fuse` and a layer `FastLayer` maps as its `decode` does."""
 
     def __init__(self, head: EagleHead):
         self.head = head
-        self.fc = FastLinear(head.fc.weight, head.fc.bias)
+        self.fuse = head.fast_fuse()
         self.layer = FastLayer(head.layers[0], head.config)
 
     @torch.inference_mode()
@@ -329,7 +335,7 @@ class _FastEagleHead:
         head, ids = self.head, input_ids.reshape(-1)
         T = ids.shape[0]
         feats = features.reshape(T, -1)
-        h = self.fc(torch.cat((head.embed_tokens(ids).to(feats.dtype), feats), dim=-1))
+        h = self.fuse(head.embed_tokens(ids).to(feats.dtype), feats)
         cache_layer = past_key_values.layers[0]
         past = past_length(cache_layer)
         mask = self.layer.attention_mask(head._mask(attention_mask, 1, T, past, h.dtype, h.device), T, past, h.dtype)

@@ -139,7 +139,8 @@ def _cat_bias(*mods) -> torch.Tensor | None:
 class FastLayer:
     """One Llama-family decoder layer of an HF model on the fast kernels; `__call__` maps (q, H) hidden states
     to (q, H), appending its keys and values to a cache layer. An `nn.Identity` input norm (an EAGLE-style
-    draft layer's) is skipped."""
+    draft layer's) is skipped. A down_proj with k*H outputs (FSPAD's Partial Alignment Distillation, k = 2)
+    adds the residual k times side by side, so the layer maps to (q, k*H)."""
 
     def __init__(self, layer, config):
         a, m = layer.self_attn, layer.mlp
@@ -153,6 +154,7 @@ class FastLayer:
         self.ln_in = None if norm is None else norm.detach()
         self.ln_post = layer.post_attention_layernorm.weight.detach()
         self.intermediate = m.gate_proj.weight.shape[0]
+        self.residual_copies = m.down_proj.weight.shape[0] // int(config.hidden_size)
         self.eps = float(config.rms_norm_eps)
         self.hidden = int(config.hidden_size)
         self.n_heads = int(config.num_attention_heads)
@@ -194,7 +196,8 @@ class FastLayer:
         att = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
         x = x + self.o(att.view(nh, q, d).transpose(0, 1).reshape(q, nh * d))
         gu = self.gate_up(self.norm(x, self.ln_post))
-        return x + self.down(F.silu(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
+        residual = x if self.residual_copies == 1 else x.repeat(1, self.residual_copies)
+        return residual + self.down(F.silu(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
 
 
 def rope(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

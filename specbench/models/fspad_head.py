@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .draft_heads import CheckpointError, HeadArch
-from .eagle_head import EAGLE_ARCH, EagleHead, head_config, head_from_config, mapping_hint
+from .eagle_head import EAGLE_ARCH, EagleHead, _FastEagleHead, head_config, head_from_config, mapping_hint
+from .fast_runtime import FastLinear
 from .hf_compat import cache_kwargs
 
 __all__ = ["FSPAD_ARCH", "VARIANTS", "VARIANT_KEY", "EMLP", "FeatureSampler", "FspadHead"]
@@ -123,6 +124,29 @@ class FspadHead(EagleHead):
                                position_embeddings=pos_emb, **cache_kwargs(layer.self_attn, past_key_values))
         a = h + (attn[0] if isinstance(attn, tuple) else attn)
         return torch.cat((a, a), dim=-1) + layer.mlp(layer.post_attention_layernorm(a))
+
+    def fast(self) -> _FastEagleHead:
+        """The head on the fast kernels: the sampler by `fast_fuse`, PAD's doubled residual by `FastLayer`
+        (which adds the residual once per H of down_proj's outputs, as `decode` does)."""
+        return _FastEagleHead(self)
+
+    def fast_fuse(self):
+        """The Feature Sampler (or, without it, EAGLE's fc) on the fast kernels."""
+        if not self.sampler:
+            return super().fast_fuse()
+        sampler = self.fc
+        fc = FastLinear(sampler.fc.weight, sampler.fc.bias)
+        gate, up, down = (FastLinear(lin.weight) for lin in (sampler.mlp.gate_proj, sampler.mlp.up_proj,
+                                                             sampler.mlp.down_proj))
+        norm = sampler.post_attention_layernorm
+        w, eps = norm.weight.detach(), float(norm.variance_epsilon)
+
+        def fuse(emb: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            x = fc(torch.cat((emb, feats), dim=-1))
+            n = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+            return x + down(torch.nn.functional.silu(gate(emb)) * up(n))
+
+        return fuse
 
     def token_features(self, out: torch.Tensor) -> torch.Tensor:
         """`predict`, the first half with PAD: it scores the next token."""
