@@ -52,7 +52,8 @@ def test_checkpoints_live_on_the_method():
     assert m["eagle"].needs_checkpoint and m["eagle2"].needs_checkpoint
     assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
     assert m["eagle2"].identity.draft_of == "eagle"
-    heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m", "hass": "hass-smollm2-135m"}
+    heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m", "hass": "hass-smollm2-135m",
+             "fspad": "fspad-smollm2-135m"}
     for name, want in heads.items():
         head = m[name].default_checkpoint("smollm2-135m")
         assert head == want == E.default_checkpoint_dir(name).name
@@ -61,15 +62,22 @@ def test_checkpoints_live_on_the_method():
     assert m["pld"].default_checkpoint("smollm2-135m") is None
 
 
-def test_a_method_without_its_own_default_head_never_loads_another_methods():
+def test_a_method_without_its_own_default_head_never_loads_another_methods(monkeypatch):
+    import dataclasses
+
     from helpers import tiny_target
 
     import specbench.methods.head_drafters as E
     from specbench.models.draft_heads import CheckpointError
 
+    # fspad as it was before its head was committed: EAGLE's and HASS's heads exist for the same target
+    monkeypatch.setitem(catalogue._BY_NAME, "fspad",
+                        dataclasses.replace(catalogue.identity("fspad"), default_checkpoint=None))
     target = tiny_target(name="smollm2-135m")  # named as the embedded target, whose committed heads are others'
     with pytest.raises(CheckpointError, match="method fspad needs a draft checkpoint .*no committed default head"):
         E.resolve_head("fspad", target, "")
+    with pytest.raises(CheckpointError, match="method my-plugin needs a draft checkpoint .*no committed default"):
+        E.resolve_head("my-plugin", target, "")  # a plugin the catalogue does not list: none either
 
 
 def test_a_plugin_gets_an_identity_of_its_own():

@@ -56,7 +56,8 @@ KNOWN: tuple[Identity, ...] = (
              default_checkpoint=_SMOLLM_HEAD),
     Identity("hass", needs_checkpoint=True, head="eagle",  # EAGLE's architecture, trained differently
              default_checkpoint=DefaultCheckpoint("smollm2-135m", "hass-smollm2-135m")),
-    Identity("fspad", needs_checkpoint=True, head="fspad"),
+    Identity("fspad", needs_checkpoint=True, head="fspad",
+             default_checkpoint=DefaultCheckpoint("smollm2-135m", "fspad-smollm2-135m")),
     Identity("kld", needs_checkpoint=True),
     Identity("tvd", needs_checkpoint=True),
     Identity("tvdpp", needs_checkpoint=True),

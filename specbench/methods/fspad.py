@@ -2,7 +2,8 @@
 (`specbench.models.fspad_head`: Feature Sampler + Partial Alignment Distillation), trained by
 `specbench.training.fspad`. The tree scores tokens with the head's predict half and feeds its regress
 half to the next depth (the head's `token_features` / `next_features`); the repository's ablations are
-heads of other variants, run with ``--param checkpoint=DIR``. Without an FSPAD checkpoint it refuses to
+heads of other variants, run with ``--param checkpoint=DIR``. Without one it drafts with its committed head
+for the embedded target (`specbench/checkpoints/fspad-smollm2-135m/`); for another target it refuses to
 run, never loading another architecture's head in its place.
 """
 

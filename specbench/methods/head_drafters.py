@@ -132,7 +132,8 @@ def resolve_head(method: str, target, checkpoint: Any) -> LoadedHead:
                                   f"{head.hidden_size} vs {target.config.hidden_size})")
         return LoadedHead(head, arch or "eagle")
     if checkpoint in ("", None):
-        dc = catalogue.identity(method).default_checkpoint
+        ident = catalogue.identity(method)
+        dc = ident.default_checkpoint if ident else None
         if dc is None:
             raise _needs(method, target, "there is no committed default head")
         d = CHECKPOINTS_DIR / dc.name
