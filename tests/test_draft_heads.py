@@ -170,3 +170,25 @@ def test_a_method_refuses_a_loaded_head_of_another_architecture(target, toy_dir)
 
     with pytest.raises(CheckpointError, match="method eagle2 drafts with a eagle head, not the given toy-test head"):
         resolve_head("eagle2", target, load_head(toy_dir, target))
+
+
+def test_every_committed_head_carries_a_manifest_that_matches_it():
+    """Each head under specbench/checkpoints/ (package data) has a MANIFEST.json naming its weights' sha256,
+    the method that trained it and the target it was trained for, consistent with its config.json; the
+    catalogue's default heads are among them."""
+    from specbench.methods import catalogue
+    from specbench.methods.head_drafters import CHECKPOINTS_DIR
+    from specbench.models.draft_heads import checkpoint_sha256
+
+    dirs = sorted(d for d in CHECKPOINTS_DIR.iterdir() if d.is_dir())
+    defaults = {m.default_checkpoint.name for m in catalogue.KNOWN if m.default_checkpoint}
+    assert defaults <= {d.name for d in dirs}
+    for d in dirs:
+        man = json.loads((d / "MANIFEST.json").read_text())
+        cfg = json.loads((d / "config.json").read_text())
+        assert man["weights_sha256"] == checkpoint_sha256(d), d.name
+        assert d.name.endswith(f"-{man['target']['name']}") and d.name.startswith(man["method"]), d.name
+        assert cfg["specbench_head"] == catalogue.identity(man["method"]).head, d.name
+        variant = man["training"]["task"].get("variant")
+        assert cfg.get("fspad_variant") == variant, d.name
+        assert variant in (None, "fspad") or f"-{variant}-" in d.name, d.name
