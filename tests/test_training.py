@@ -367,6 +367,32 @@ def test_distill_corpus_regenerates_answers_as_token_ids_and_resumes(tiny, share
     assert _corpus(tiny, sharegpt_file, tmp_path / "c")["content_sha256"] == man["content_sha256"]
 
 
+def test_distill_generation_batched_with_rows_dropped_equals_each_row_alone(tiny):
+    """`generate_rows`: left padding, positions and dropping finished rows' KV change no row's tokens. Greedy
+    rows of different lengths and budgets, one of them ended early by an end-of-sequence id, equal each
+    prompt decoded alone and transformers' greedy generate(); top_p near 0 keeps only the argmax."""
+    from specbench.training.corpus import generate_rows
+
+    model = tiny.model.eval()
+    prompts = [[3, 9, 4, 17, 2, 30, 11], [5, 6], [40, 2, 2, 8, 13], [21, 22, 23, 24]]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    free = generate_rows(model, prompts, [12] * 4, 0.0, 1.0, gen(), set(), 0)
+    assert all(len(o) == 12 for o in free)
+    for p, o in zip(prompts, free):
+        ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert o == ref[0, len(p):].tolist()
+    eos = {free[0][2]}  # row 0 ends at its third token, the others (unless they meet it) run on
+    budgets = [12, 7, 12, 9]
+    batched = generate_rows(model, prompts, budgets, 0.0, 1.0, gen(), eos, 0)
+    alone = [generate_rows(model, [p], [b], 0.0, 1.0, gen(), eos, 0)[0] for p, b in zip(prompts, budgets)]
+    assert batched == alone and len(batched[0]) == 3 and batched[0][-1] in eos
+    assert [len(o) for o in batched[1:]] != [3, 3, 3]  # the other rows outlived the dropped one
+    assert generate_rows(model, prompts, budgets, 1.0, 1e-9, gen(), eos, 0) == batched
+    sampled = generate_rows(model, prompts, [12] * 4, 1.0, 1.0, gen(), set(), 0)
+    assert sampled == generate_rows(model, prompts, [12] * 4, 1.0, 1.0, gen(), set(), 0) and sampled != free
+
+
 def test_distill_corpus_settings_round_robin_and_refusals(tiny, sharegpt_file, tmp_path):
     import gzip
     import json as js

@@ -42,7 +42,8 @@ import torch
 from ..artifacts import environment, sha256_bytes, utc_now, write_json
 from ..errors import SpecbenchError
 
-__all__ = ["CORPUS_FILE", "Corpus", "CorpusError", "build_corpus", "load_corpus", "main", "parse_settings"]
+__all__ = ["CORPUS_FILE", "Corpus", "CorpusError", "build_corpus", "generate_rows", "load_corpus", "main",
+           "parse_settings"]
 
 CORPUS_FILE = "corpus.jsonl.gz"
 MANIFEST = "MANIFEST.json"
@@ -176,7 +177,8 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
             "chat_template_sha256": sha256_bytes((getattr(tok, "chat_template", None) or "").encode()),
             "generation": {"settings": [list(x) for x in settings], "max_new_tokens": int(max_new_tokens),
                            "batch_size": int(batch_size), "seed": int(seed),
-                           "sampler": "transformers generate(), left-padded batches, top-p at T > 0"}}
+                           "sampler": "generate_rows: left-padded batches, finished rows dropped, "
+                                      "decoding.sampling's top-p at T > 0"}}
     man_path, path = out_dir / MANIFEST, out_dir / CORPUS_FILE
     manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
     if manifest is not None and manifest.get("spec") != spec:
@@ -266,7 +268,6 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
 def _answer_batch(model, tokenizer, batch, temperature: float, top_p: float, gen: torch.Generator, max_tokens: int,
                   max_new_tokens: int) -> list[list[dict]]:
     """The target's answers to every user turn of each conversation of `batch`, turn by turn, batched."""
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     users = [[m for m in conv if m["role"] == "user"] for _, conv in batch]
     hist = [[m for m in conv[:1] if m["role"] == "system"] for _, conv in batch]
@@ -286,24 +287,71 @@ def _answer_batch(model, tokenizer, batch, temperature: float, top_p: float, gen
             prompts.append(ids)
         if not rows:
             break
-        L = max(len(p) for p in prompts)
-        inp = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-        att = torch.zeros(len(prompts), L, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            inp[r, L - len(p):] = torch.tensor(p)
-            att[r, L - len(p):] = 1
-        budget = max(1, min(max_new_tokens, max_tokens - min(len(p) for p in prompts)))
-        kw = {"do_sample": temperature > 0, "max_new_tokens": budget, "pad_token_id": pad_id}
-        if temperature > 0:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kw.update(temperature=temperature, top_p=top_p)
-        outs = model.generate(input_ids=inp.to(device), attention_mask=att.to(device), **kw)
+        budgets = [max(1, min(max_new_tokens, max_tokens - len(p))) for p in prompts]
+        outs = generate_rows(model, prompts, budgets, temperature, top_p, gen, _eos_ids(model, tokenizer), pad_id)
         for r, i in enumerate(rows):
-            reply = tokenizer.decode(outs[r, L:], skip_special_tokens=True).strip()
+            reply = tokenizer.decode(outs[r], skip_special_tokens=True).strip()
             hist[i] += [users[i][k], {"role": "assistant", "content": reply}]
         alive = rows
         k += 1
     return hist
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+
+@torch.inference_mode()
+def generate_rows(model, prompts: Sequence[Sequence[int]], budgets: Sequence[int], temperature: float,
+                  top_p: float, gen: torch.Generator, eos_ids: set[int], pad_id: int) -> list[list[int]]:
+    """Each prompt's continuation (its end-of-sequence token included, at most its budget): greedy at
+    temperature 0, else sampled from `gen` with `decoding.sampling`'s temperature and top-p.
+
+    One left-padded prefill, then one token per row per forward. A row that ends leaves the batch at
+    once, its KV rows dropped (`Cache.reorder_cache` over the rows kept): on a CPU a forward's cost is
+    about linear in its rows, and generate() would carry every finished row to the longest answer.
+    """
+    from transformers import DynamicCache
+
+    from ..decoding.sampling import SamplingConfig, probs, sample
+    from ..models.hf_compat import cache_kwargs
+
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p)
+    device = next(model.parameters()).device
+    L = max(len(p) for p in prompts)
+    inp = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    att = torch.zeros(len(prompts), L, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        inp[r, L - len(p):] = torch.tensor(list(p))
+        att[r, L - len(p):] = 1
+    inp, att = inp.to(device), att.to(device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    outs: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # the prompt index of each live batch row
+    logits = model(input_ids=inp, attention_mask=att, position_ids=pos, logits_to_keep=1,
+                   **cache_kwargs(model, cache)).logits[:, -1]
+    while True:
+        nxt = logits.argmax(-1) if cfg.greedy else sample(probs(logits, cfg), gen)
+        keep = []
+        for b, (r, t) in enumerate(zip(rows, nxt.tolist())):
+            outs[r].append(t)
+            if t not in eos_ids and len(outs[r]) < budgets[r]:
+                keep.append(b)
+        if not keep:
+            return outs
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=device)
+            cache.reorder_cache(idx)
+            att, pos, nxt = att[idx], pos[idx], nxt[idx]
+            rows = [rows[b] for b in keep]
+        att = torch.cat([att, att.new_ones(len(rows), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, logits_to_keep=1,
+                       **cache_kwargs(model, cache)).logits[:, -1]
 
 
 # ---------------------------------------------------------------- reading
