@@ -9,6 +9,7 @@ pytest-benchmark to a results file, which `specbench compare` reads and judges."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = "suites/test_eagle2_table1.py::test_eagle2_table1[paper-llama2-chat-7b-eagle2-mt_bench-T0]"
+# The inner pytest is a fresh session: under `pytest -n` the xdist worker's variables would make
+# pytest-benchmark believe it is a worker too and refuse --benchmark-only.
+INNER_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
 
 
 def _paper_models(root: Path) -> Path:
@@ -54,7 +58,7 @@ def test_a_paper_case_runs_to_a_results_file_and_a_compare_verdict(tmp_path):
         [sys.executable, "-m", "pytest", CASE, "-m", "paper", "-p", "no:cacheprovider", "-q", "--benchmark-only",
          "--paper-models", str(tmp_path / "models"), "--suite-limit", "1", "--suite-max-new-tokens", "8",
          "--suite-results", str(out), "--benchmark-json", str(out / "benchmark.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=INNER_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [record] = (out / "paper" / "llama2-chat-7b").glob("eagle2-*mt_bench-t0.json")
     doc = json.loads(record.read_text())
@@ -79,5 +83,6 @@ def test_a_paper_case_without_its_models_is_skipped_with_what_to_download(tmp_pa
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", f"suites/test_eagle2_table1.py::test_eagle2_table1[{case}]", "-m", "paper",
          "-p", "no:cacheprovider", "-q", "-rs", "--benchmark-only", "--paper-models", str(tmp_path / "models"),
-         "--suite-results", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--suite-results", str(tmp_path / "out")], cwd=REPO, env=INNER_ENV, capture_output=True, text=True,
+        timeout=300)
     assert proc.returncode == 0 and "1 skipped" in proc.stdout and why in proc.stdout, proc.stdout[-2000:]
