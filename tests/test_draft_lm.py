@@ -72,6 +72,38 @@ def test_each_loss_scores_the_masked_positions_against_the_target(target, loss, 
     torch.testing.assert_close(got["tvd"], L.tvd(q, p, ones), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["kld", "tvd", "tvdpp"])
+def test_a_draft_vocabulary_scores_the_datas_most_frequent_assistant_tokens(target, loss):
+    """--draft-vocab N: q is the draft's full logits' columns at the data's N most frequent assistant ids, p the
+    target's full distribution there; the support is the ranking decoding's draft_vocab=N reads."""
+    from specbench.methods.draft_vocab import complete_ranking
+    from specbench.training.features import assistant_token_ranking
+
+    rows = _rows(target, seed=1)
+    V = int(target.model.get_output_embeddings().weight.shape[0])
+    task = DraftLMTask(DraftLMOptions(layers=1, loss=loss, draft_vocab=7))
+    head = task.make_head(target.model, rows)
+    S = torch.tensor(complete_ranking(assistant_token_ranking(rows, V)[0], V)[:7])
+    assert torch.equal(task.support, S)
+    counts = torch.bincount(torch.cat([r["input_ids"][r["loss_mask"] > 0] for r in rows]), minlength=V)
+    assert counts[S].min() >= counts[torch.tensor([i for i in range(V) if i not in set(S.tolist())])].max()
+    batch = plain_batch(rows)
+    got = task.loss(head, batch)
+    sel = batch["loss_mask"].reshape(-1).nonzero().squeeze(-1)
+    with torch.no_grad():
+        hidden = head(batch["input_ids"], batch["attention_mask"])
+        q = head.logits(hidden).reshape(-1, V)[sel][:, S]  # the full logits' columns: another route
+        p = target.model.get_output_embeddings()(batch["hidden"].reshape(-1, batch["hidden"].shape[-1])[sel])
+    ones = torch.ones(len(q))
+    fn = {"kld": L.kld_loss, "tvd": L.tvd_loss, "tvdpp": L.tvdpp_loss}[loss]
+    torch.testing.assert_close(got["loss"].detach(), fn(q, p, ones, support=S), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["tvd"], L.tvd(q, p, ones, support=S), atol=1e-5, rtol=1e-5)
+    want_acc = (S[q.argmax(-1)] == p.argmax(-1)).float().mean()  # the draft's token ids, not its column numbers
+    torch.testing.assert_close(got["acc"], want_acc)
+    with pytest.raises(ValueError, match="draft_vocab must lie in 1"):
+        DraftLMTask(DraftLMOptions(layers=1, draft_vocab=V)).make_head(target.model, rows)
+
+
 def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monkeypatch):
     """`specbench train --method tvd --layers 1` on the tiny target: the manifest says the loss, only the kept
     layers and the norm changed, and the exported directory drafts for `tvd` with vanilla's greedy output."""
@@ -101,14 +133,16 @@ def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monke
     changed = {k for k, v in draft.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.startswith(("model.layers.0.", "model.norm.")) for k in changed)
 
-    # a second phase from it keeps the embedding and LM head frozen
+    # a second phase from it (over a reduced draft vocabulary) keeps the embedding and LM head frozen
     rc = get_method("tvd").train(["--target", str(tmp_path / "t"), "--out", str(tmp_path / "again"), "--data",
                                   str(tmp_path / "sg.json"), "--max-conversations", "8", "--max-tokens", "64",
-                                  "--epochs", "1", "--batch-size", "4", "--heldout", "0", "--no-progress",
-                                  "--layers", "1", "--lr", "1e-2", "--init-from", str(out)])
+                                  "--epochs", "1", "--batch-size", "4", "--heldout", "2", "--no-progress",
+                                  "--layers", "1", "--lr", "1e-2", "--init-from", str(out), "--draft-vocab", "16"])
     assert rc == 0
     again = json.loads((tmp_path / "again" / "MANIFEST.json").read_text())
     assert again["trainable_parameters"] == man["trainable_parameters"]
+    assert again["training"]["task"]["draft_vocab"] == 16 and "16 most frequent" in again["training"]["task"]["q"]
+    assert again["heldout"]["tokens"] > 0
     assert set(load_file(str(tmp_path / "again" / "model.safetensors"))) == set(stored)
     # ... and refuses to initialise a deeper draft from it (only its first layer would be loaded)
     deeper = r"does not match the head being trained: missing key\(s\): [^;]*model\.layers\.1\."
@@ -125,6 +159,10 @@ def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monke
     prompt = [3, 4, 5, 6, 7]
     ref = generate(target, DrafterBase(), prompt, 16, cfg, None, stop_ids=set()).tokens
     assert generate(target, drafter, prompt, 16, cfg, None, stop_ids=set()).tokens == ref
+    reduced = method.drafter(target, cfg, None, **method.params({"checkpoint": str(tmp_path / "again"),
+                                                                  "draft_vocab": "16"}))
+    assert reduced.vocab.size == 16 and reduced.draft_vocab_sha256 is not None  # the checkpoint's own ranking
+    assert generate(target, reduced, prompt, 16, cfg, None, stop_ids=set()).tokens == ref
 
 
 def test_a_stored_prefix_draft_loads_strictly_over_its_own_target(target, tmp_path):

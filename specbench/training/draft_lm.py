@@ -16,6 +16,12 @@ reply's) by `--loss`:
 * ``tvdpp``: the same with the normalised advantage, its mean and std by `--tvdpp-stats`
   (``specbench.training.losses``, where the derivation is written out).
 
+``--draft-vocab N`` trains q over a reduced draft vocabulary S: the training data's N most frequent assistant
+tokens (the first N ids of the checkpoint's ``draft_vocab.json``). The draft's logits are its LM head's rows of
+S only (the cost that dominates a small draft's step), p stays the target's full-vocabulary distribution
+restricted to S (its mass outside S counts as missed, exactly; see ``losses``). Decode with the same
+``--param draft_vocab=N``: the decoder's vocabulary is those N ids plus the sequence's own tokens.
+
 The exported checkpoint is the compact prefix-draft format (`specbench.models.draft_lm.save_prefix_draft`):
 the fine-tuned layers and norm, loading over the target it was made from; ``sps`` drafts with it
 (``--param checkpoint=DIR``).
@@ -45,6 +51,9 @@ class DraftLMOptions(TaskOptions):
         "help": "over what TVD++ normalises its reward: per position or per batch (q-weighted moments)",
         "choices": TVDPP_STATS})
     layers: int = field(default=4, metadata={"help": "the target's first decoder layers the draft keeps"})
+    draft_vocab: int = field(default=0, metadata={
+        "help": "train q over the data's N most frequent assistant tokens (0: the full vocabulary); decode with "
+                "--param draft_vocab=N"})
 
 
 class DraftLM(nn.Module):
@@ -59,8 +68,13 @@ class DraftLM(nn.Module):
         """Last hidden states (B, T, H), the LM head's input."""
         return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_output_embeddings()(hidden)
+    def logits(self, hidden: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft logits over the full vocabulary, or over the ids `support` (its LM head's rows of them only)."""
+        head = self.lm.get_output_embeddings()
+        if support is None:
+            return head(hidden)
+        bias = None if head.bias is None else head.bias[support]
+        return nn.functional.linear(hidden, head.weight[support], bias)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"lm.{k}": v for k, v in prefix_draft_state(self.lm).items()}  # this module's key names
@@ -96,11 +110,25 @@ class DraftLMTask(Task):
         super().__init__(opts, seed)
         self.name = self.opts.loss  # the method that decodes the draft (kld, tvd, tvdpp): manifest, work dir
         self._target_head = None
+        self.support: torch.Tensor | None = None  # the draft vocabulary's ids (None: the full vocabulary)
 
     def make_head(self, model, data=None, seed: int = 0) -> DraftLM:
         from ..models.draft_lm import layer_prefix_draft
 
         self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
+        N = int(self.opts.draft_vocab)
+        if N:
+            from ..methods.draft_vocab import complete_ranking
+            from .features import assistant_token_ranking
+
+            V = int(model.get_output_embeddings().weight.shape[0])
+            if not 0 < N < V:
+                raise ValueError(f"draft_vocab must lie in 1..{V - 1} (0 = the full vocabulary), got {N}")
+            if data is None:
+                raise ValueError("draft_vocab needs the training data (its assistant-token frequencies)")
+            # the ids decoding's `draft_vocab=N` starts from: the same ranking the pipeline writes to draft_vocab.json
+            ids = complete_ranking(assistant_token_ranking(data, V)[0], V)[:N]
+            self.support = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
         draft = DraftLM(layer_prefix_draft(model, self.opts.layers).float())
         for name, p in draft.named_parameters():  # tied embedding / LM head: frozen with the embedding
             p.requires_grad_(name.removeprefix("lm.").startswith(TRAINED))
@@ -115,24 +143,32 @@ class DraftLMTask(Task):
         mask = batch["loss_mask"]
         sel = mask.reshape(-1).nonzero().squeeze(-1)
         H = hidden.shape[-1]
-        q_logits = raw.logits(hidden.reshape(-1, H)[sel])
+        S = self.support
+        q_logits = raw.logits(hidden.reshape(-1, H)[sel], S)
         with torch.no_grad():
-            p_logits = self._target_head(batch["hidden"].reshape(-1, H)[sel])
+            p_logits = self._target_head(batch["hidden"].reshape(-1, H)[sel])  # always the full vocabulary
         ones = torch.ones(sel.numel(), device=sel.device)
         if self.opts.loss == "kld":
-            loss = kld_loss(q_logits, p_logits, ones)
+            loss = kld_loss(q_logits, p_logits, ones, support=S)
         elif self.opts.loss == "tvd":
-            loss = tvd_loss(q_logits, p_logits, ones)
+            loss = tvd_loss(q_logits, p_logits, ones, support=S)
         else:
-            loss = tvdpp_loss(q_logits, p_logits, ones, stats=self.opts.tvdpp_stats)
+            loss = tvdpp_loss(q_logits, p_logits, ones, stats=self.opts.tvdpp_stats, support=S)
         with torch.no_grad():
-            acc = (q_logits.argmax(-1) == p_logits.argmax(-1)).float().mean()
-            return_tvd = tvd(q_logits, p_logits, ones)
+            acc = (self._draft_ids(q_logits) == p_logits.argmax(-1)).float().mean()
+            return_tvd = tvd(q_logits, p_logits, ones, support=S)
         return {"loss": loss, "tvd": return_tvd, "acc": acc, "n_tokens": mask.sum()}
+
+    def _draft_ids(self, q_logits: torch.Tensor) -> torch.Tensor:
+        """The token ids of the draft's argmax (its logits are over the support's ids when it has one)."""
+        top = q_logits.argmax(-1)
+        return top if self.support is None else self.support[top]
 
     def describe(self) -> dict:
         return {**super().describe(),
                 "p": "softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary",
+                "q": (f"over the data's {self.opts.draft_vocab} most frequent assistant tokens (p's mass outside "
+                      "them counts as missed)" if self.opts.draft_vocab else "the full vocabulary"),
                 "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",
                 "init": f"the target's first {self.opts.layers} decoder layers, final norm and LM head"}
 
@@ -169,8 +205,8 @@ class DraftLMTask(Task):
                 continue
             ids = torch.tensor([f.input_ids], device=dev)
             p = head(target_hidden_states(model, ids)[0, :-1][m])
-            q = exported.logits(exported(ids)[0, :-1][m])
-            hit += int((q.argmax(-1) == p.argmax(-1)).sum())
+            q = exported.logits(exported(ids)[0, :-1][m], self.support)
+            hit += int((self._draft_ids(q) == p.argmax(-1)).sum())
             n += int(m.sum())
         return {"top1": hit / max(n, 1), "tokens": n, "conversations": len(conversations)}
 

@@ -76,6 +76,15 @@ def masked_positions(mask: torch.Tensor, fraction: float, generator: torch.Gener
 #     expectation.
 #   With exact expectations over the vocabulary the baseline is variance-free, so what TVD++ changes is the
 #   scale: that is what these tests check and what the study measures.
+#
+# A reduced draft vocabulary S (`support`: the ids the draft scores, its logits (..., |S|)): q is a
+#   distribution over S, exactly 0 elsewhere, while p stays the target's over the full vocabulary, restricted
+#   to S without renormalising (p(v) = softmax(full logits)[v]). Then, exactly:
+#   * TVD(p, q) = 1/2 (sum_S |p - q| + (1 - sum_S p)): the mass p puts outside S is always missed;
+#   * its gradient: q is constant (0) outside S and sum_S grad q = 0 still, so the derivation above holds
+#     with every sum over S: the surrogates are unchanged with r = 1[p > q] on S;
+#   * KL(p || q) is infinite when p has mass outside S; `kld_loss` is then the cross-entropy over S,
+#     -sum_S p log q, whose minimiser is q = p / p(S) on S (KL(p_S / p(S) || q) scaled by p(S)).
 
 TVDPP_STATS = ("position", "batch")
 
@@ -84,37 +93,51 @@ def _masked_mean(per: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per * mask).sum() / (mask.sum() + 1e-5)
 
 
-def kld_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Forward KL(p || q) up to p's entropy (the soft-label cross-entropy), masked mean over positions (..., V)."""
+def _target_probs(target_logits: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+    """p over the full vocabulary, then (with a support) its entries at the support's ids, not renormalised."""
     p = torch.softmax(target_logits.float(), -1)
+    return p if support is None else p.index_select(-1, support)
+
+
+def kld_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+             support: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL(p || q) up to p's entropy (the soft-label cross-entropy), masked mean over positions (..., V);
+    with a `support` the draft's logits are over its ids and the sum runs over them (see above)."""
+    p = _target_probs(target_logits, support)
     return _masked_mean(-(p * torch.log_softmax(draft_logits.float(), -1)).sum(-1), mask)
 
 
-def _reward(draft_logits: torch.Tensor, target_logits: torch.Tensor):
+def _reward(draft_logits: torch.Tensor, target_logits: torch.Tensor, support: torch.Tensor | None):
     logq = torch.log_softmax(draft_logits.float(), -1)
     q = logq.exp()
-    p = torch.softmax(target_logits.float(), -1)
+    p = _target_probs(target_logits, support)
     return p, q, logq, (p > q.detach()).float()
 
 
-def tvd(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """TVD(p, q) = 1/2 sum_v |p - q|, masked mean over positions (differentiable, the reference of the tests)."""
-    p, q, _, _ = _reward(draft_logits, target_logits)
-    return _masked_mean(0.5 * (p - q).abs().sum(-1), mask)
+def tvd(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+        support: torch.Tensor | None = None) -> torch.Tensor:
+    """TVD(p, q) = 1/2 sum_v |p - q|, masked mean over positions (differentiable, the reference of the tests);
+    with a `support`, q is 0 outside it and p's mass there counts in full."""
+    p, q, _, _ = _reward(draft_logits, target_logits, support)
+    per = 0.5 * (p - q).abs().sum(-1)
+    if support is not None:
+        per = per + 0.5 * (1.0 - p.sum(-1))
+    return _masked_mean(per, mask)
 
 
-def tvd_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def tvd_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+             support: torch.Tensor | None = None) -> torch.Tensor:
     """The policy-gradient surrogate of TVD (see above): its gradient is TVD's; masked mean over positions."""
-    _, q, logq, r = _reward(draft_logits, target_logits)
+    _, q, logq, r = _reward(draft_logits, target_logits, support)
     return _masked_mean(-(q.detach() * r * logq).sum(-1), mask)
 
 
 def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-               stats: str = "position", eps: float = 1e-5) -> torch.Tensor:
+               stats: str = "position", eps: float = 1e-5, support: torch.Tensor | None = None) -> torch.Tensor:
     """TVD++: the surrogate with the normalised advantage (r - mu) / (sigma + eps), mu and sigma by `stats`."""
     if stats not in TVDPP_STATS:
         raise ValueError(f"unknown TVD++ statistics {stats!r}; known: {', '.join(TVDPP_STATS)}")
-    _, q, logq, r = _reward(draft_logits, target_logits)
+    _, q, logq, r = _reward(draft_logits, target_logits, support)
     qd = q.detach()
     if stats == "position":
         mu = (qd * r).sum(-1, keepdim=True)
