@@ -53,7 +53,8 @@ def test_checkpoints_live_on_the_method():
     assert not any(m[n].needs_checkpoint for n in ("vanilla", "pld", "lookahead"))
     assert m["eagle2"].identity.draft_of == "eagle"
     heads = {"eagle": "eagle-smollm2-135m", "eagle2": "eagle-smollm2-135m", "hass": "hass-smollm2-135m",
-             "fspad": "fspad-smollm2-135m"}
+             "fspad": "fspad-smollm2-135m", "kld": "kld-smollm2-135m", "tvd": "tvd-smollm2-135m",
+             "tvdpp": "tvdpp-smollm2-135m"}
     for name, want in heads.items():
         head = m[name].default_checkpoint("smollm2-135m")
         assert head == want == E.default_checkpoint_dir(name).name

@@ -188,7 +188,10 @@ def test_every_committed_head_carries_a_manifest_that_matches_it():
         cfg = json.loads((d / "config.json").read_text())
         assert man["weights_sha256"] == checkpoint_sha256(d), d.name
         assert d.name.endswith(f"-{man['target']['name']}") and d.name.startswith(man["method"]), d.name
-        assert cfg["specbench_head"] == catalogue.identity(man["method"]).head, d.name
+        assert cfg.get("specbench_head") == catalogue.identity(man["method"]).head, d.name
+        if "specbench_prefix_draft" in cfg:  # a distilled draft LM: the layers of the target it names
+            assert cfg["specbench_prefix_draft"]["target_sha256"] == man["target"]["weights_sha256"], d.name
+            assert cfg["specbench_prefix_draft"]["layers"] == man["training"]["task"]["layers"], d.name
         variant = man["training"]["task"].get("variant")
         assert cfg.get("fspad_variant") == variant, d.name
         assert variant in (None, "fspad") or f"-{variant}-" in d.name, d.name

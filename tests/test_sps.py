@@ -247,3 +247,19 @@ def test_the_ranking_follows_the_draft_and_is_recorded(target, tmp_path):
     assert sorted(d.vocab.ids.tolist()) == sorted({*range(56, 64), 1, 2})
     full = method.drafter(target, SamplingConfig(), None, **method.params({"checkpoint": str(tmp_path)}))
     assert full.draft_vocab_sha256 is None
+
+
+def test_on_the_embedded_target_sps_drafts_with_its_phase1_prefix_over_the_distilled_drafts_ranking():
+    """No checkpoint: the embedded target's sps draft is its 3-layer prefix (the CPU search's choice), and a
+    reduced vocabulary follows the committed distilled drafts' ranking, the one their own decoding reads."""
+    from helpers import tiny_target
+
+    from specbench.methods.head_drafters import CHECKPOINTS_DIR
+
+    named = tiny_target(name="smollm2-135m", num_layers=4)  # named as the embedded target
+    method = get_method("sps")
+    d = method.drafter(named, SamplingConfig(), None, **method.params({"draft_vocab": "8"}))
+    assert d.draft.config.num_hidden_layers == 3 and d.checkpoint_sha256.endswith(":prefix:3")
+    assert d.vocab.ranking == CHECKPOINTS_DIR / "kld-smollm2-135m" / "draft_vocab.json"
+    assert (d.vocab.ranking.read_bytes() == (CHECKPOINTS_DIR / "tvdpp-smollm2-135m" / "draft_vocab.json").read_bytes()
+            == (CHECKPOINTS_DIR / "tvd-smollm2-135m" / "draft_vocab.json").read_bytes())

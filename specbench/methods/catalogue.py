@@ -58,9 +58,10 @@ KNOWN: tuple[Identity, ...] = (
              default_checkpoint=DefaultCheckpoint("smollm2-135m", "hass-smollm2-135m")),
     Identity("fspad", needs_checkpoint=True, head="fspad",
              default_checkpoint=DefaultCheckpoint("smollm2-135m", "fspad-smollm2-135m")),
-    Identity("kld", needs_checkpoint=True),
-    Identity("tvd", needs_checkpoint=True),
-    Identity("tvdpp", needs_checkpoint=True),
+    Identity("kld", needs_checkpoint=True, default_checkpoint=DefaultCheckpoint("smollm2-135m", "kld-smollm2-135m")),
+    Identity("tvd", needs_checkpoint=True, default_checkpoint=DefaultCheckpoint("smollm2-135m", "tvd-smollm2-135m")),
+    Identity("tvdpp", needs_checkpoint=True,
+             default_checkpoint=DefaultCheckpoint("smollm2-135m", "tvdpp-smollm2-135m")),
 )
 _ORDER = {m.name: i for i, m in enumerate(KNOWN)}
 _BY_NAME = {m.name: m for m in KNOWN}

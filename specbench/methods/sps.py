@@ -132,6 +132,8 @@ def _load_draft(method: str, target, spec: str):
     from . import catalogue
     from .head_drafters import CHECKPOINTS_DIR
 
+    if not spec and method == "sps" and target.name in PHASE1:
+        spec = PHASE1[target.name]
     if not spec:
         ident = catalogue.identity(method)
         dc = ident.default_checkpoint if ident else None
@@ -158,6 +160,9 @@ def _load_draft(method: str, target, spec: str):
 
 
 PREFIX = "prefix:"  # checkpoint=prefix:K: the target's first K layers, final norm and LM head, built at run time
+# sps's draft when none is given, per embedded target: the untrained layer prefix (the TVD++ pipeline's phase 1)
+# of the depth the CPU search chose (results/studies/draft_lm_cpu_search.json).
+PHASE1 = {"smollm2-135m": f"{PREFIX}3"}
 
 
 def _prefix_draft(target, spec: str):
@@ -207,13 +212,14 @@ def draft_model_method(name: str, description: str, train=None) -> Method:
 
 def _ranking(draft, target) -> Path | None:
     """The token ranking a reduced draft vocabulary follows: for a draft built from the target (prefix:K),
-    that of a committed head for the target (its training data's assistant tokens by frequency); else the
-    draft directory's DRAFT_VOCAB_FILE (training writes one); else none (ids in order)."""
+    that of a committed checkpoint for the target (its training data's assistant tokens by frequency), a
+    distilled draft LM's first (the phase-3 drafters' ranking, so phase 1 drafts over the same ids), else a
+    head's; else the draft directory's DRAFT_VOCAB_FILE (training writes one); else none (ids in order)."""
     from . import catalogue
     from .head_drafters import CHECKPOINTS_DIR
 
     if str(draft.name).startswith(f"{target.name}:{PREFIX}"):
-        for ident in catalogue.KNOWN:
+        for ident in sorted(catalogue.KNOWN, key=lambda i: i.head is not None):  # stable: draft LMs first
             dc = ident.default_checkpoint
             if dc is not None and dc.target == target.name and (CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE).is_file():
                 return CHECKPOINTS_DIR / dc.name / DRAFT_VOCAB_FILE
