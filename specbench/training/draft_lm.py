@@ -116,18 +116,11 @@ class DraftLMTask(Task):
         from ..models.draft_lm import layer_prefix_draft
 
         self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
-        N = int(self.opts.draft_vocab)
-        if N:
-            from ..methods.draft_vocab import complete_ranking
-            from .features import assistant_token_ranking
+        if self.opts.draft_vocab:
+            from .features import draft_vocab_ids
 
             V = int(model.get_output_embeddings().weight.shape[0])
-            if not 0 < N < V:
-                raise ValueError(f"draft_vocab must lie in 1..{V - 1} (0 = the full vocabulary), got {N}")
-            if data is None:
-                raise ValueError("draft_vocab needs the training data (its assistant-token frequencies)")
-            # the ids decoding's `draft_vocab=N` starts from: the same ranking the pipeline writes to draft_vocab.json
-            ids = complete_ranking(assistant_token_ranking(data, V)[0], V)[:N]
+            ids = draft_vocab_ids(data, V, int(self.opts.draft_vocab))
             self.support = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
         draft = DraftLM(layer_prefix_draft(model, self.opts.layers).float())
         for name, p in draft.named_parameters():  # tied embedding / LM head: frozen with the embedding

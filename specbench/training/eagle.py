@@ -152,15 +152,9 @@ class EagleTask(Task):
         head = build_head(model, seed=seed, embed_init_scale=self.embed_scale, **self.head_options(),
                           **({"draft_vocab_size": N} if N else {}))
         if N:
-            from ..methods.draft_vocab import complete_ranking
-            from .features import assistant_token_ranking
+            from .features import draft_vocab_ids
 
-            if data is None:
-                raise ValueError("draft_vocab needs the training data (its assistant-token frequencies)")
-            V = head.vocab_size
-            if not 0 < N < V:
-                raise ValueError(f"draft_vocab must lie in 1..{V - 1} (0 = the full vocabulary), got {N}")
-            head.set_draft_vocab(complete_ranking(assistant_token_ranking(data, V)[0], V)[:N])
+            head.set_draft_vocab(draft_vocab_ids(data, head.vocab_size, N))
         # the target's distribution over the rows the head scores (all, or the draft vocabulary's), looked up at
         # each call: a second phase's --init-from loads its mapping after make_head
         def target_logits(x: torch.Tensor) -> torch.Tensor:

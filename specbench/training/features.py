@@ -31,7 +31,7 @@ from ..artifacts import sha256_bytes, sha256_json, utc_now, write_json
 
 __all__ = ["FeatureExample", "feature_cache_key", "feature_cache_dir", "extract_features", "load_feature_cache",
            "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations",
-           "assistant_token_ranking"]
+           "assistant_token_ranking", "draft_vocab_ids"]
 
 _FORMAT = 1
 log = logging.getLogger(__name__)
@@ -225,6 +225,19 @@ def assistant_token_ranking(cache, vocab_size: int) -> tuple[list[int], np.ndarr
         counts += np.bincount(ids[np.asarray(row["loss_mask"]) > 0], minlength=vocab_size)
     seen = np.flatnonzero(counts)
     return seen[np.lexsort((seen, -counts[seen]))].tolist(), counts
+
+
+def draft_vocab_ids(data, vocab_size: int, n: int) -> list[int]:
+    """The `n` ids a reduced draft vocabulary of `n` trains over: the data's assistant tokens by frequency, then
+    unlisted ids in id order (the ranking training writes to draft_vocab.json, whose first `n` ids decoding's
+    ``draft_vocab=n`` starts from)."""
+    from ..methods.draft_vocab import complete_ranking
+
+    if data is None:
+        raise ValueError("draft_vocab needs the training data (its assistant-token frequencies)")
+    if not 0 < n < vocab_size:
+        raise ValueError(f"draft_vocab must lie in 1..{vocab_size - 1} (0 = the full vocabulary), got {n}")
+    return complete_ranking(assistant_token_ranking(data, vocab_size)[0], vocab_size)[:n]
 
 
 # ---------------------------------------------------------------- end to end: data -> cache
