@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from specbench.methods.head_drafters import CHECKPOINTS_DIR
     from specbench.models import load_model
+    from specbench.models.draft_heads import DRAFT_VOCAB_FILE
     from specbench.models.draft_lm import layer_prefix_draft
     from specbench.training.draft_lm import DraftLM, DraftLMOptions, DraftLMTask
     from specbench.training.features import heldout_conversations
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--draft-vocab", type=int, default=4096)
-    ap.add_argument("--ranking", default=str(CHECKPOINTS_DIR / "tvdpp-smollm2-135m" / "draft_vocab.json"))
+    ap.add_argument("--ranking", default=str(CHECKPOINTS_DIR / "tvdpp-smollm2-135m" / DRAFT_VOCAB_FILE))
     ap.add_argument("--heldout", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--threads", type=int, default=1)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target = load_model("smollm2-135m")
     task = DraftLMTask(DraftLMOptions(layers=a.layers, draft_vocab=a.draft_vocab))
-    task.support = torch.tensor(json.loads(open(a.ranking).read())[: a.draft_vocab])
+    task.support = torch.tensor(json.loads(Path(a.ranking).read_text())[: a.draft_vocab])
     draft = DraftLM(layer_prefix_draft(target.model, a.layers).float())
     got = task.heldout(draft, target.model, target.tokenizer, heldout_conversations("sharegpt", a.heldout),
                        a.max_tokens)
