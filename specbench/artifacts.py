@@ -223,6 +223,9 @@ def environment(device) -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "transformers": transformers.__version__, "specbench": __version__,
         "git_commit": git_commit(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        # the vector ISA torch dispatches to: VMs sold under one CPU name differ in it (AVX2 vs AVX512),
+        # and the fast runtime's kernel choice and every CPU timing depend on it
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
     }

@@ -78,7 +78,7 @@ def test_stamped_sha256_trusts_the_stamp_until_the_file_changes(tmp_path):
 
 def test_environment_fingerprint():
     env = A.environment("cpu")
-    for key in ("date", "python", "platform", "torch", "transformers", "specbench", "git_commit", "cpu",
+    for key in ("date", "python", "platform", "torch", "transformers", "specbench", "git_commit", "cpu", "cpu_isa",
                 "cpu_count", "threads", "gpu", "cuda"):
         assert key in env
     assert env["gpu"] is None and env["threads"] >= 1 and env["cpu"]

@@ -470,6 +470,23 @@ def test_run_against_run_baseline(tmp_path, capsys):
     assert rc == 1 and "REGRESS" in err
 
 
+def test_run_baseline_speed_needs_the_same_cpu_isa(tmp_path, capsys):
+    """One CPU name covers VMs with other vector ISAs (AVX2 vs AVX512) and other speeds: speed against a run
+    baseline is judged only where the recorded ISA matches too; tau is judged regardless."""
+    base, mine = make_doc("pld", step=2), make_doc("pld", step=2)
+    base["environment"]["cpu_isa"], mine["environment"]["cpu_isa"] = "AVX2", "AVX512"
+    b = write(tmp_path / "b.json", base)
+    ref = C.reference_cell(C.load_run_file(b)[0])
+    assert ref["hardware"]["cpu_isa"] == "AVX2"
+    tol = {m: {"rel": C.RUN_TOLERANCE[m], "gate": True, "same_hardware": m != "tau"} for m in C.METRICS}
+    cells = _cells(mine, [ref], tol=tol)
+    assert cells["speedup"].verdict == "not comparable"
+    assert "Test CPU (AVX2) vs Test CPU (AVX512)" in cells["speedup"].reason
+    assert cells["tau"].verdict == "pass"
+    mine["environment"]["cpu_isa"] = "AVX2"
+    assert _cells(mine, [ref], tol=tol)["speedup"].verdict == "pass"
+
+
 # ---------------------------------------------------------------- bad input
 
 

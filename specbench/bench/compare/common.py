@@ -23,6 +23,15 @@ class CompareError(SpecbenchError):
     """Unusable compare input (the CLI prints it as one line and exits 2)."""
 
 
+def machine_label(env: dict) -> str | None:
+    """The machine a record ran on: its GPU, else its CPU name with the vector ISA where recorded
+    ("AMD EPYC (AVX512)"); one CPU name covers VMs whose timings differ."""
+    if env.get("gpu"):
+        return env["gpu"]
+    cpu = env.get("cpu")
+    return f"{cpu} ({env['cpu_isa']})" if cpu and env.get("cpu_isa") else cpu
+
+
 def one_line(msg: object) -> str:
     """A message on one line (exception texts may span several; the CLI and skip reasons print one)."""
     return " ".join(str(msg).split())

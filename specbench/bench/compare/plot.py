@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...artifacts import atomic_path
 from ...errors import UsageError
+from .common import machine_label
 from .runs import label_sort_key
 
 
@@ -105,7 +106,7 @@ def plot_runs(runs, vanilla, path: Path) -> Path:
     ax2.grid(axis="y", alpha=0.3)
 
     env = runs[0].env if runs else {}
-    hw = env.get("gpu") or env.get("cpu") or "unknown hardware"
+    hw = machine_label(env) or "unknown hardware"
     fig.suptitle(f"specbench: {', '.join(targets)} on {hw}"
                  + (f", {env.get('threads')} threads" if env.get("threads") and not env.get("gpu") else ""),
                  fontsize=11)

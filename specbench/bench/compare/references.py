@@ -74,7 +74,8 @@ def reference_cell(r: Run) -> dict:
         "tokens_per_s": r.value("tokens_per_s"),
         "vanilla_tokens_per_s": (r.vanilla or {}).get("tokens_per_s"),
         "new_tokens": r.summary.get("new_tokens"), "steps": r.summary.get("steps"),
-        "greedy_identical": r.greedy, "hardware": {"gpu": r.env.get("gpu"), "cpu": r.env.get("cpu")},
+        "greedy_identical": r.greedy, "hardware": {"gpu": r.env.get("gpu"), "cpu": r.env.get("cpu"),
+                                                  "cpu_isa": r.env.get("cpu_isa")},
         "source": r.source,
     }
 

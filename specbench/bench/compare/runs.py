@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from ...methods import catalogue
 from ..baselines import DEFAULT_ROOT, KNOWN_TARGETS
-from .common import CompareError, is_num, normalized
+from .common import CompareError, is_num, machine_label, normalized
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Run:
 
     @property
     def machine(self) -> str | None:
-        return self.env.get("gpu") or self.env.get("cpu")
+        return machine_label(self.env)
 
     def value(self, metric: str) -> float | None:
         if self.method == "vanilla":

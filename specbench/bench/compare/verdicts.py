@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field, replace
 
 from ..baselines import BaselineRow, find, judge
-from .common import METRIC_LABEL, METRICS, is_num, normalized
+from .common import METRIC_LABEL, METRICS, is_num, machine_label, normalized
 from .references import RUN_TOLERANCE, Reference, RefSet, reference_cell
 from .runs import Run
 
@@ -151,7 +151,7 @@ def _judge_cell(cell: Cell, rs: RefSet) -> None:
             return
         if ref.kind == "run" and metric != "tau":
             hw_ref = (c.get("hardware") or {})
-            here, there = run.machine, hw_ref.get("gpu") or hw_ref.get("cpu")
+            here, there = run.machine, machine_label(hw_ref)
             if not here or not there or here != there:
                 cell.reason = f"other hardware ({there or '?'} vs {here or '?'})"
                 return
