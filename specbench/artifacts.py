@@ -21,6 +21,7 @@ import os
 import platform
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -228,4 +229,13 @@ def environment(device) -> dict:
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
+        "fast_kernel_plan": fast_kernel_plan(),
     }
+
+
+def fast_kernel_plan() -> str | None:
+    """The fast runtime's kernel plan where this process made one (SPECBENCH_FAST_KERNELS repeats it), else
+    None. Looked up, not imported: the fingerprint must not load the models package or start a calibration."""
+    runtime = sys.modules.get("specbench.models.fast_runtime")
+    plan = getattr(runtime, "_plan", None)
+    return runtime.plan_text(plan) if plan else None

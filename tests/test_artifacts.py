@@ -87,6 +87,17 @@ def test_environment_fingerprint():
     json.dumps(env)
 
 
+def test_environment_records_the_fast_runtime_kernel_plan(monkeypatch):
+    """Only a plan this process made: the fingerprint never starts a calibration."""
+    from specbench.models import fast_runtime
+
+    monkeypatch.setattr(fast_runtime, "_plan", None)
+    assert A.environment("cpu")["fast_kernel_plan"] is None and fast_runtime._plan is None
+    monkeypatch.setattr(fast_runtime, "_plan", fast_runtime.parse_plan("1:gemv,3:packed@4"))
+    plan = A.environment("cpu")["fast_kernel_plan"]
+    assert plan.startswith("1:gemv,2:packed,3:packed@4,") and fast_runtime.parse_plan(plan) == fast_runtime._plan
+
+
 def _git(d, *args):
     subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from specbench.decoding import Proposal, SamplingConfig, Tree, generate
 from specbench.methods import DrafterBase, get_method
@@ -47,11 +48,16 @@ def _script(t: Target) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("one_row", ["gemv", "packed"])
+# plans a machine may choose (`fast_runtime.kernel_plan`): the rule before calibration, oneDNN everywhere,
+# and one that runs every kernel and pads (the test model's calls have 1-5 rows)
+PLANS = {"fixed": "1:gemv", "packed": "", "mixed": "1:wx,2:linear,3:packed@5,4:gemv@6,5:wx@7"}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_every_call_matches_the_hf_runtime(family, one_row, monkeypatch):
-    """With either kernel for one-row products (a machine's choice, `fast_runtime.one_row_kernel`)."""
-    monkeypatch.setattr(fast_runtime, "_one_row", one_row)
+def test_every_call_matches_the_hf_runtime(family, plan, monkeypatch):
+    """With any kernel plan (a machine's choice)."""
+    monkeypatch.setattr(fast_runtime, "_plan", fast_runtime.parse_plan(PLANS[plan]))
     model = MODELS[family]()
     fast, hf = Target(model, runtime="fast"), Target(model, runtime="hf")
     assert fast.runtime_name == "fast" and hf.runtime_name == "hf"
@@ -61,25 +67,57 @@ def test_every_call_matches_the_hf_runtime(family, one_row, monkeypatch):
         torch.testing.assert_close(la.keys, lb.keys, atol=ATOL, rtol=0)
 
 
-def test_the_one_row_kernel_is_chosen_once_and_can_be_pinned(monkeypatch):
+@pytest.mark.parametrize("kernel", fast_runtime.KERNELS)
+@pytest.mark.parametrize("rows,pad", [(1, 0), (1, 3), (2, 0), (3, 2), (16, 0), (17, 0)])
+def test_each_kernel_and_padding_computes_the_linear(kernel, rows, pad, monkeypatch):
+    """x W^T + b by every kernel, unpadded or over appended zero rows (rows past the plan: packed)."""
+    plan = f"{rows}:{kernel}@{rows + pad}" if rows <= fast_runtime.PLAN_ROWS else f"1:{kernel}"
+    monkeypatch.setattr(fast_runtime, "_plan", fast_runtime.parse_plan(plan))
+    g = torch.Generator().manual_seed(rows)
+    w, b, x = torch.randn(40, 24, generator=g), torch.randn(40, generator=g), torch.randn(rows, 24, generator=g)
+    lin = fast_runtime.FastLinear(w, b)
+    y = lin(x)
+    assert y.shape == (rows, 40)
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_linear_keeps_only_the_weight_layouts_its_plan_uses(monkeypatch):
+    w = torch.randn(8, 4)
+    monkeypatch.setattr(fast_runtime, "_plan", fast_runtime.parse_plan(""))
+    lin = fast_runtime.FastLinear(w)
+    assert lin.packed is not None and lin.wt is None and lin.w is None
+    monkeypatch.setattr(fast_runtime, "_plan", fast_runtime.parse_plan("1:gemv,2:wx"))
+    lin = fast_runtime.FastLinear(w)
+    assert lin.wt is not None and lin.w is not None
+    half = fast_runtime.FastLinear(w.half())  # no oneDNN path: F.linear on the weight itself
+    assert half.packed is None and half.wt is None and half.plan == {}
+    torch.testing.assert_close(half(torch.ones(3, 4).half()), F.linear(torch.ones(3, 4).half(), w.half()))
+
+
+def test_the_kernel_plan_is_chosen_once_and_can_be_pinned(monkeypatch):
     from specbench.errors import UsageError
 
-    for want in ("gemv", "packed"):
-        monkeypatch.setattr(fast_runtime, "_one_row", None)
-        monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, want)
-        assert fast_runtime.one_row_kernel() == want
-        lin = fast_runtime.FastLinear(torch.randn(8, 4))
-        assert lin.gemv_one_row == (want == "gemv")
-        torch.testing.assert_close(lin(torch.ones(1, 4)), torch.ones(1, 4) @ lin.wt)
-    monkeypatch.setattr(fast_runtime, "_one_row", None)
-    monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, "auto")
-    chosen = fast_runtime.one_row_kernel()
-    assert chosen in ("gemv", "packed")
-    monkeypatch.setenv(fast_runtime.ONE_ROW_ENV, "other")
-    assert fast_runtime.one_row_kernel() == chosen  # once per process: later settings do not flip it
-    monkeypatch.setattr(fast_runtime, "_one_row", None)
-    with pytest.raises(UsageError, match="SPECBENCH_FAST_ONE_ROW='other': expected gemv, packed or auto"):
-        fast_runtime.one_row_kernel()
+    expect = {"fixed": {1: ("gemv", 1), 2: ("packed", 2)}, "packed": {1: ("packed", 1), 2: ("packed", 2)},
+              "1:wx, 3:packed@8": {1: ("wx", 1), 2: ("packed", 2), 3: ("packed", 8)}}
+    for want, head in expect.items():
+        monkeypatch.setattr(fast_runtime, "_plan", None)
+        monkeypatch.setenv(fast_runtime.KERNELS_ENV, want)
+        plan = fast_runtime.kernel_plan()
+        assert sorted(plan) == list(range(1, fast_runtime.PLAN_ROWS + 1))
+        assert {n: plan[n] for n in head} == head
+        assert fast_runtime.parse_plan(fast_runtime.plan_text(plan)) == plan  # what results files record repeats
+    monkeypatch.setattr(fast_runtime, "_plan", None)
+    monkeypatch.setenv(fast_runtime.KERNELS_ENV, "auto")
+    chosen = fast_runtime.kernel_plan()
+    for n, (kernel, m) in chosen.items():
+        assert kernel in fast_runtime.KERNELS and m >= n and (m == n or kernel == "packed")
+    monkeypatch.setenv(fast_runtime.KERNELS_ENV, "other")
+    assert fast_runtime.kernel_plan() == chosen  # once per process: later settings do not flip it
+    for bad in ("other", "1:gemv@0", "0:gemv", "17:packed", "2:fast", "2:wx@1", "1"):
+        monkeypatch.setattr(fast_runtime, "_plan", None)
+        monkeypatch.setenv(fast_runtime.KERNELS_ENV, bad)
+        with pytest.raises(UsageError, match="SPECBENCH_FAST_KERNELS=.*expected auto, fixed, packed or a plan"):
+            fast_runtime.kernel_plan()
 
 
 BROKEN = {

@@ -389,10 +389,6 @@ class Runner:
         earlier_peak = (doc.get("summary") or {}).get("peak_memory_mb") or 0.0  # a resumed run's first session
         summary["peak_memory_mb"] = max(_peak_memory_mb(self.target.device), earlier_peak)
         doc["summary"] = summary
-        doc["environment"] = environment(self.target.device)
-        if self.target.runtime_name == "fast":  # a property of the machine the run chose its kernels on
-            from ..models.fast_runtime import one_row_kernel
-
-            doc["environment"]["fast_one_row_kernel"] = one_row_kernel()
+        doc["environment"] = environment(self.target.device)  # the fast runtime's kernel plan included
         doc["status"] = ("complete" if {(s["id"], s["turn"]) for s in doc["samples"]} >=
                          {(pid, 0) for pid in doc["config"]["prompt_ids"]} else "partial")

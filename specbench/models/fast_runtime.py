@@ -7,11 +7,11 @@ not by arithmetic. transformers' decoder spends most of a one-token forward outs
 BLAS path is slow for 2-16 rows. This runtime computes the same function with fewer, better-chosen calls:
 
 * q/k/v and gate/up are each ONE matrix product over concatenated weights;
-* several rows use oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`); one row either
-  ``x @ Wt`` on a kept transposed copy (a GEMV over contiguous rows of Wt, the faster on the Intel VMs,
-  `suites/linear_kernels.py`) or the same prepacked linear (faster on an AMD EPYC VM): `one_row_kernel`
-  picks one per process, by a short timing of both over model-sized weights unless
-  ``SPECBENCH_FAST_ONE_ROW=gemv|packed`` says, and the results file records it;
+* each row count has its kernel: oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`),
+  ``x @ Wt`` on a transposed copy (a GEMV over contiguous rows of Wt, fastest for one row on the Intel
+  VMs), ``(W @ x.T).T`` or `F.linear`, possibly over a few appended zero rows (oneDNN runs some counts
+  slower than the next larger one). Which wins differs between CPUs, so `kernel_plan` times the candidates
+  once per process unless ``SPECBENCH_FAST_KERNELS`` says, and the results file records the plan;
 * RMSNorm is `F.rms_norm`, rotary is applied to q and k heads together, attention is
   `F.scaled_dot_product_attention` over the KV buffer with the caller's additive mask (grouped-query
   attention as plain attention over stacked query rows: the keys are read once, never repeated).
@@ -36,52 +36,111 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
-__all__ = ["FastDecoder", "FastLayer", "FastLinear", "fast_supported", "one_row_kernel", "past_length", "rope"]
+__all__ = ["FastDecoder", "FastLayer", "FastLinear", "fast_supported", "kernel_plan", "parse_plan", "past_length",
+           "plan_text", "rope"]
 
-ONE_ROW_ENV = "SPECBENCH_FAST_ONE_ROW"
-_one_row: str | None = None  # this process's choice, made once
+KERNELS_ENV = "SPECBENCH_FAST_KERNELS"
+PLAN_ROWS = 16  # row counts the plan covers; more rows always run the prepacked kernel at their own count
+KERNELS = ("gemv", "wx", "linear", "packed")
+_plan: dict[int, tuple[str, int]] | None = None  # this process's plan, made once
 
 
-def one_row_kernel() -> str:
-    """The kernel of one-row products in this process: ``gemv`` or ``packed``.
+def kernel_plan() -> dict[int, tuple[str, int]]:
+    """This process's kernel per row count: ``{n: (kernel, m)}`` for n = 1..PLAN_ROWS, m >= n the row count
+    the product runs at (m > n: zero rows appended, the first n rows of the result kept).
 
-    ``SPECBENCH_FAST_ONE_ROW`` (gemv, packed, auto) decides; auto (the default) times both, interleaved,
-    over 8 layers' worth of SmolLM2-shaped float32 weights (~130 MB, more than a CPU cache, visited in order
-    as a forward visits its layers), and takes ``packed`` only when it is at least 10% faster, so a close
-    call keeps the GEMV and the choice does not flip between runs of one machine.
+    Kernels: ``gemv`` (``x @ Wt`` on a transposed copy), ``wx`` (``(W @ x.T).T``), ``linear`` (`F.linear`),
+    ``packed`` (oneDNN's prepacked linear). Which is fastest for a few rows differs between CPUs by 30-40%
+    (`suites/fast_kernels.py`; on one AVX512 VM two rows took 1.6x what four did through oneDNN), so
+    ``SPECBENCH_FAST_KERNELS`` decides: ``auto`` (the default) times the candidates (`_calibrate`);
+    ``fixed`` is the rule before calibration (gemv for one row, packed for more); ``packed`` is the prepacked
+    kernel at every count; or a plan as `plan_text` writes it (``1:gemv,2:wx,12:packed@16``; counts not
+    named run packed at their own count), to repeat a recorded run's kernels.
     """
-    global _one_row
-    if _one_row is None:
-        want = os.environ.get(ONE_ROW_ENV, "auto").strip().lower()
-        if want not in ("auto", "gemv", "packed"):
-            raise UsageError(f"{ONE_ROW_ENV}={want!r}: expected gemv, packed or auto")
-        if want == "packed" and not torch.backends.mkldnn.is_available():
-            raise UsageError(f"{ONE_ROW_ENV}=packed needs oneDNN (torch.backends.mkldnn), which this torch lacks")
-        _one_row = want if want != "auto" else _calibrate()
-    return _one_row
+    global _plan
+    if _plan is None:
+        want = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+        mkldnn = torch.backends.mkldnn.is_available()
+        if want == "auto":
+            _plan = _calibrate() if mkldnn else {n: ("gemv", n) for n in range(1, PLAN_ROWS + 1)}
+        elif want == "fixed":
+            _plan = {n: ("gemv" if n == 1 else "packed", n) for n in range(1, PLAN_ROWS + 1)}
+        elif want == "packed":
+            _plan = {n: ("packed", n) for n in range(1, PLAN_ROWS + 1)}
+        else:
+            _plan = parse_plan(want)
+        if not mkldnn and any(k == "packed" for k, _ in _plan.values()):
+            raise UsageError(f"{KERNELS_ENV}={want!r} uses the packed kernel, which needs oneDNN "
+                             "(torch.backends.mkldnn); this torch lacks it")
+    return _plan
 
 
-def _calibrate() -> str:
-    if not torch.backends.mkldnn.is_available():
-        return "gemv"
+def parse_plan(text: str) -> dict[int, tuple[str, int]]:
+    """A plan from `plan_text`'s form; UsageError (saying the form) on anything else."""
+    plan = {n: ("packed", n) for n in range(1, PLAN_ROWS + 1)}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            n_text, spec = item.split(":")
+            kernel, _, m_text = spec.partition("@")
+            n, m = int(n_text), int(m_text or n_text)
+        except ValueError:
+            n, m, kernel = 0, 0, ""
+        if kernel not in KERNELS or not 1 <= n <= PLAN_ROWS or m < n:
+            raise UsageError(f"{KERNELS_ENV}={text!r}: expected auto, fixed, packed or a plan such as "
+                             f"'1:gemv,2:wx,12:packed@16' (rows 1-{PLAN_ROWS}: kernel[@rows run, >= rows]; "
+                             f"kernels {', '.join(KERNELS)})")
+        plan[n] = (kernel, m)
+    return plan
+
+
+def plan_text(plan: dict[int, tuple[str, int]]) -> str:
+    """The plan in the form `SPECBENCH_FAST_KERNELS` takes (recorded in results files)."""
+    return ",".join(f"{n}:{k}" + (f"@{m}" if m != n else "") for n, (k, m) in sorted(plan.items()))
+
+
+def _calibrate(reps: int = 5, margin: float = 0.9) -> dict[int, tuple[str, int]]:
+    """Time every candidate over 8 layers' worth of SmolLM2-shaped float32 weights (~130 MB, more than a CPU
+    cache, visited in order as a forward visits its layers), interleaved, median of `reps`: the prepacked
+    kernel at every count 1..PLAN_ROWS and, for 1-4 rows, gemv, wx and linear. Row count n keeps its default
+    (gemv for one row, packed for more) unless another candidate (another kernel, or packed at more rows) is
+    at least 10% faster, so a close call does not flip between runs of one machine; among those within 5% of
+    the fastest it takes the first by preference (no padding, then the fewest zero rows). ~2 s, once."""
     g = torch.Generator().manual_seed(0)
     shapes = [(1728, 576), (576, 576), (3072, 576), (576, 1536)] * 8
     ws = [torch.randn(o, i, generator=g) for o, i in shapes]
     wts = [w.t().contiguous() for w in ws]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
-    xs = {i: torch.randn(1, i, generator=g) for i in {i for _, i in shapes}}
-    times: dict[str, list[float]] = {"gemv": [], "packed": []}
+    fns = {
+        "gemv": lambda x, j: x @ wts[j],
+        "wx": lambda x, j: (ws[j] @ x.T).T.contiguous(),
+        "linear": lambda x, j: F.linear(x, ws[j]),
+        "packed": lambda x, j: torch.ops.mkldnn._linear_pointwise(x, packed[j], None, "none", [], ""),
+    }
+    cands = [("packed", m) for m in range(1, PLAN_ROWS + 1)] + [
+        (k, n) for n in range(1, 5) for k in ("gemv", "wx", "linear")]
+    xs = {(m, i): torch.randn(m, i, generator=g) for m in range(1, PLAN_ROWS + 1) for i in {i for _, i in shapes}}
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cands}
     with torch.inference_mode():
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for (_, i), wt in zip(shapes, wts):
-                xs[i] @ wt
-            times["gemv"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for (_, i), p in zip(shapes, packed):
-                torch.ops.mkldnn._linear_pointwise(xs[i], p, None, "none", [], "")
-            times["packed"].append(time.perf_counter() - t0)
-    return "packed" if statistics.median(times["packed"]) < 0.9 * statistics.median(times["gemv"]) else "gemv"
+        for _ in range(reps + 1):  # the first pass warms up
+            for kernel, m in cands:
+                f = fns[kernel]
+                t0 = time.perf_counter()
+                for j, (_, i) in enumerate(shapes):
+                    f(xs[m, i], j)
+                times[kernel, m].append(time.perf_counter() - t0)
+    med = {c: statistics.median(v[1:]) for c, v in times.items()}
+    plan = {}
+    for n in range(1, PLAN_ROWS + 1):
+        default = ("gemv" if n == 1 else "packed", n)
+        # candidates in order of preference: no padding first, then the fewest zero rows
+        ok = sorted((c for c in cands if c[1] == n or (c[0] == "packed" and c[1] > n)), key=lambda c: c[1])
+        best = min(med[c] for c in ok)
+        if best >= margin * med[default]:
+            plan[n] = default
+        else:  # near-ties between the faster ones go by preference, not by the noise of one timing
+            plan[n] = next(c for c in ok if med[c] <= best * 1.05)
+    return plan
+
 
 _FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -109,23 +168,35 @@ def fast_supported(model, window: int | None) -> str | None:
 
 
 class FastLinear:
-    """y = x W^T + b for a (out, in) weight, with the kernel chosen by the row count of x (see module doc)."""
+    """y = x W^T + b for a (out, in) weight, with the kernel `kernel_plan` gives the row count of x. Only the
+    weight layouts the plan uses are kept (the prepacked one always: row counts past the plan use it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         w = weight.detach().contiguous()
         self.out_features = w.shape[0]
-        self.wt = w.t().contiguous()  # (in, out): one row is a GEMV over Wt's contiguous rows
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = None
-        if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)  # blocked layout for 2+ rows
-        self.gemv_one_row = self.packed is None or one_row_kernel() == "gemv"
+        onednn = w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self.plan = kernel_plan() if onednn else {}  # no oneDNN path (or not float32): F.linear at every count
+        used = {k for k, _ in self.plan.values()}
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8) if onednn else None
+        self.wt = w.t().contiguous() if "gemv" in used else None  # (in, out): a GEMV over Wt's contiguous rows
+        self.w = w if used & {"wx", "linear"} or not onednn else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[0] == 1 and self.gemv_one_row) or self.packed is None:
-            y = x @ self.wt
-            return y if self.bias is None else y + self.bias
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        n = x.shape[0]
+        kernel, m = self.plan.get(n, ("packed" if self.packed is not None else "linear", n))
+        xin = x if m == n else torch.cat([x, x.new_zeros(m - n, x.shape[1])])
+        if kernel == "packed":
+            y = torch.ops.mkldnn._linear_pointwise(xin, self.packed, self.bias, "none", [], "")
+            return y if m == n else y[:n]
+        if kernel == "gemv":
+            y = xin @ self.wt
+        elif kernel == "wx":  # contiguous: a column-major output would carry into the next products' layouts
+            y = (self.w @ xin.T).T.contiguous()
+        else:
+            y = F.linear(xin, self.w)
+        y = y if m == n else y[:n]
+        return y if self.bias is None else y + self.bias
 
 
 def _cat_bias(*mods) -> torch.Tensor | None:
