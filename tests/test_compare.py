@@ -614,6 +614,24 @@ def test_duplicate_runs_are_an_error(tmp_path, capsys):
     assert rc == 2 and "both hold pld" in err
 
 
+def test_runs_on_two_runtimes_or_machines_are_two_labels_not_duplicates(tmp_path, capsys):
+    """The same method and parameters on the hf and fast runtimes, or on two CPU ISAs, are two results: each
+    gets a label and the legend says what sets it apart."""
+    docs = [make_doc(), make_doc(), make_doc()]
+    docs[1]["config"]["runtime"] = "fast"
+    docs[2]["config"]["runtime"] = "fast"
+    docs[2]["environment"]["cpu_isa"] = "AVX512"
+    paths = [str(write(tmp_path / f"{i}.json", d)) for i, d in enumerate(docs)]
+    rc, out, err = run_cli(paths, capsys)
+    assert rc == 0, err
+    assert all(f"pld#{n}" in out for n in (1, 2, 3))
+    legend = out[out.index("methods:"):]
+    assert "runtime hf" in legend and "runtime fast" in legend and "on Test CPU (AVX512)" in legend
+    again = str(write(tmp_path / "again.json", docs[1]))
+    rc, _, err = run_cli([paths[1], again], capsys)  # the same variant twice is still refused
+    assert rc == 2 and "both hold pld" in err
+
+
 def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     a = write(tmp_path / "a.json", make_doc())
     before = a.read_bytes()

@@ -146,16 +146,22 @@ def _check_targets(runs: list[Run], allow_mixed: bool) -> None:
                            f"{b.target_key}; compare one target at a time (or pass --allow-mixed-targets)")
 
 
+def variant(r: Run) -> str:
+    """What tells two runs of one method apart: its parameters, runtime and machine (runs on two VMs or two
+    runtimes are two results, not a duplicate)."""
+    return json.dumps([r.params, r.runtime, r.machine], sort_keys=True)
+
+
 def assign_labels(runs: list[Run]) -> None:
     """Label each run by its method, numbered (``eagle2#1``, ``eagle2#2``) when the method ran with several
-    parameter sets; the legend under the tables lists each label's parameters."""
+    parameter sets, runtimes or machines; the legend under the tables lists what each label ran with."""
     by_method: dict[str, list[Run]] = {}
     for r in runs:
         by_method.setdefault(r.method, []).append(r)
     for method, rs in by_method.items():
-        distinct = sorted({json.dumps(r.params, sort_keys=True) for r in rs})
+        distinct = sorted({variant(r) for r in rs})
         for r in rs:
-            n = distinct.index(json.dumps(r.params, sort_keys=True)) + 1
+            n = distinct.index(variant(r)) + 1
             r.label = method if len(distinct) == 1 else f"{method}#{n}"
 
 

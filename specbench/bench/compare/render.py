@@ -137,18 +137,26 @@ def _wrap(line: str) -> list[str]:
 
 
 def legend(runs: list[Run]) -> list[str]:
-    """One line per label: the parameters it ran with (the committed default head left implicit)."""
-    seen: dict[str, dict] = {}
+    """One line per label: the parameters it ran with (the committed default head left implicit), and its
+    runtime and machine where the runs shown differ in them."""
+    seen: dict[str, Run] = {}
     for r in sorted(runs, key=lambda r: label_sort_key(r.label)):
         if r.method != "vanilla":
-            seen.setdefault(r.label, r.params)
+            seen.setdefault(r.label, r)
     if not seen:
         return []
+    several_runtimes = len({r.runtime for r in seen.values()}) > 1
+    several_machines = len({r.machine for r in seen.values()}) > 1
     width = max(len(lab) for lab in seen)
     out = ["methods:"]
-    for lab, params in seen.items():
-        shown = " ".join(f"{k}={v}" for k, v in params.items() if not (k == "checkpoint" and v in ("", None)))
-        out.append(f"  {lab:<{width}}  {shown or '(no parameters)'}")
+    for lab, r in seen.items():
+        shown = " ".join(f"{k}={v}" for k, v in r.params.items() if not (k == "checkpoint" and v in ("", None)))
+        shown = shown or "(no parameters)"
+        if several_runtimes:
+            shown += f"  runtime {r.runtime}"
+        if several_machines:
+            shown += f"  on {r.machine or 'unknown hardware'}"
+        out.append(f"  {lab:<{width}}  {shown}")
     return out
 
 
