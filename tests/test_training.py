@@ -462,6 +462,44 @@ def test_features_from_a_corpus_are_its_token_ids(tiny, sharegpt_file, tmp_path)
         "start": 0, "max_conversations": 4, "decontaminated": True, "heldout_tail": 4, "self_distill": False}
 
 
+def test_corpus_shards_train_as_the_corpus_of_their_union(tiny, sharegpt_file, tmp_path):
+    """Shards over disjoint --start ranges read as one corpus: greedy answers do not depend on the batching,
+    so two shards give the records (ids, masks, source indices) and the features of one corpus over both
+    ranges, in source order whatever order they are named in; the union's content sha256 is its own; shards
+    that overlap or were made with other settings are refused, naming both."""
+    from specbench.training.corpus import CorpusError, load_corpora, load_corpus
+
+    _corpus(tiny, sharegpt_file, tmp_path / "all")
+    _corpus(tiny, sharegpt_file, tmp_path / "a", max_conversations=3)
+    _corpus(tiny, sharegpt_file, tmp_path / "b", start=3, max_conversations=2)
+    whole = load_corpus(tmp_path / "all")
+    union = load_corpora([tmp_path / "b", tmp_path / "a"])
+    assert union.paths == (tmp_path / "a", tmp_path / "b")
+    assert [(r.index, r.id, r.input_ids, r.loss_mask) for r in union.records] == [
+        (r.index, r.id, r.input_ids, r.loss_mask) for r in whole.records]
+    assert [r.index for r in load_corpus(tmp_path / "b").records][0] >= 3  # indices count from the source
+    shards = {load_corpus(tmp_path / p).content_sha256 for p in ("a", "b")}
+    assert union.content_sha256 not in shards | {whole.content_sha256}
+    assert union.manifest["spec"]["selection"]["shards"] == [[0, 3], [3, 5]]
+    assert load_corpora([tmp_path / "a"]).manifest == load_corpus(tmp_path / "a").manifest  # one: unchanged
+    d, info = prepare_features(tiny, max_conversations=None, max_tokens=90, corpus=[tmp_path / "a", tmp_path / "b"],
+                               cache=tmp_path / "cache", progress=False)
+    dw, _ = prepare_features(tiny, max_conversations=None, max_tokens=90, corpus=tmp_path / "all",
+                             cache=tmp_path / "cache", progress=False)
+    got, want = FeatureCache(d), FeatureCache(dw)
+    assert d != dw and len(got) == len(want) >= 3
+    assert all(got[i]["input_ids"].tolist() == want[i]["input_ids"].tolist() for i in range(len(want)))
+    assert info["corpus"]["content_sha256"] == union.content_sha256 and str(tmp_path / "b") in info["corpus"]["path"]
+    _corpus(tiny, sharegpt_file, tmp_path / "over", start=2, max_conversations=2)
+    with pytest.raises(CorpusError, match=r"a \(conversations 0-2\) and .*over \(2-3\) overlap"):
+        load_corpora([tmp_path / "a", tmp_path / "over"])
+    _corpus(tiny, sharegpt_file, tmp_path / "other", start=3, max_conversations=2, max_tokens=100)
+    with pytest.raises(CorpusError, match=r"not shards of one corpus .*\['max_tokens'\]"):
+        load_corpora([tmp_path / "a", tmp_path / "other"])
+    with pytest.raises(CorpusError, match="no corpus directory"):
+        load_corpora([])
+
+
 def test_train_options_are_checked_before_any_work(tmp_path):
     from specbench.errors import UsageError
     from specbench.training.eagle import main
@@ -517,3 +555,7 @@ def test_distill_then_train_on_the_corpus_from_the_command_line(tmp_path, monkey
     with pytest.raises(SystemExit):
         main(["train", "--method", "eagle", "--out", str(tmp_path / "h2"), "--corpus", str(tmp_path)])
     assert "not a corpus directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # shards are checked before the target is loaded, too
+        main(["train", "--method", "eagle", "--out", str(tmp_path / "h2"), "--corpus", str(tmp_path / "corpus"),
+              str(tmp_path / "corpus")])
+    assert "overlap" in capsys.readouterr().err

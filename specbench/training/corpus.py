@@ -42,8 +42,8 @@ import torch
 from ..artifacts import environment, sha256_bytes, utc_now, write_json
 from ..errors import SpecbenchError
 
-__all__ = ["CORPUS_FILE", "Corpus", "CorpusError", "build_corpus", "generate_rows", "load_corpus", "main",
-           "parse_settings"]
+__all__ = ["CORPUS_FILE", "Corpus", "CorpusError", "build_corpus", "generate_rows", "load_corpora", "load_corpus",
+           "main", "parse_settings"]
 
 CORPUS_FILE = "corpus.jsonl.gz"
 MANIFEST = "MANIFEST.json"
@@ -65,9 +65,9 @@ class CorpusRecord:
 
 @dataclass
 class Corpus:
-    path: Path
+    paths: tuple[Path, ...]  # its directory, or the shards `load_corpora` joined
     manifest: dict
-    records: list[CorpusRecord]  # by index; conversations without an answer are left out
+    records: list[CorpusRecord]  # by index into the source's pool; conversations without an answer left out
 
     @property
     def content_sha256(self) -> str:
@@ -382,9 +382,45 @@ def load_corpus(path: Path, *, target_sha256: str | None = None) -> Corpus:
     if sha != manifest["content_sha256"]:
         raise CorpusError(f"{path / CORPUS_FILE} does not match its manifest (content sha256 {sha} != "
                           f"{manifest['content_sha256']}); it was changed or damaged: restore it from git")
-    out = [CorpusRecord(r["index"], r["id"], r["input_ids"], _mask(r["loss_spans"], len(r["input_ids"])))
+    first = spec["selection"]["start"]  # a record's index counts from its corpus's --start
+    out = [CorpusRecord(first + r["index"], r["id"], r["input_ids"], _mask(r["loss_spans"], len(r["input_ids"])))
            for r in sorted(recs, key=lambda r: r["index"]) if r["loss_spans"]]
-    return Corpus(path, manifest, out)
+    return Corpus((path,), manifest, out)
+
+
+def load_corpora(paths: Sequence[Path], *, target_sha256: str | None = None) -> Corpus:
+    """One corpus from one directory, or from several (shards): corpora made with the same spec over
+    disjoint ranges of the same source (``specbench distill --start S --max-conversations N``), so a large
+    corpus can be generated and committed a range at a time. Each shard is read strictly (`load_corpus`);
+    the union's records are in source order and its content sha256 is that of its shards' (in order), so it
+    names the training data as one directory's does. One path: that corpus, unchanged."""
+    if not paths:
+        raise CorpusError("no corpus directory given")
+    parts = sorted((load_corpus(p, target_sha256=target_sha256) for p in paths),
+                   key=lambda c: c.manifest["spec"]["selection"]["start"])
+    if len(parts) == 1:
+        return parts[0]
+    ranges = []
+    for c in parts:
+        spec = c.manifest["spec"]
+        ranges.append((spec["selection"]["start"], spec["selection"]["start"] + spec["conversations"], c.paths[0]))
+        differs = sorted(k for k in set(spec) | set(parts[0].manifest["spec"])
+                         if k not in ("selection", "conversations") and spec.get(k) != parts[0].manifest["spec"].get(k))
+        if differs or spec["selection"]["heldout_tail"] != parts[0].manifest["spec"]["selection"]["heldout_tail"]:
+            raise CorpusError(f"{c.paths[0]} and {parts[0].paths[0]} are not shards of one corpus (they differ in: "
+                              f"{differs or ['selection.heldout_tail']}); shards differ only in --start and "
+                              "--max-conversations")
+    for (a0, a1, pa), (b0, b1, pb) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+            raise CorpusError(f"{pa} (conversations {a0}-{a1 - 1}) and {pb} ({b0}-{b1 - 1}) overlap; shards must "
+                              "cover disjoint ranges of the source")
+    shas = [c.content_sha256 for c in parts]
+    spec = {**parts[0].manifest["spec"], "conversations": sum(c.manifest["spec"]["conversations"] for c in parts),
+            "selection": {**parts[0].manifest["spec"]["selection"], "shards": [[a, b] for a, b, _ in ranges]}}
+    manifest = {"kind": "specbench.corpus", "spec": spec, "complete": True,
+                "tokens": sum(c.manifest["tokens"] for c in parts),
+                "content_sha256": sha256_bytes(",".join(shas).encode()), "shards_content_sha256": shas}
+    return Corpus(tuple(p for c in parts for p in c.paths), manifest, [r for c in parts for r in c.records])
 
 
 # ---------------------------------------------------------------- command line

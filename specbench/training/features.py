@@ -244,16 +244,16 @@ def draft_vocab_ids(data, vocab_size: int, n: int) -> list[int]:
 
 
 def prepare_features(target, *, data: str = "sharegpt", max_conversations: int | None, max_tokens: int = 512,
-                     start: int = 0, corpus: Path | None = None, feature_cache: Path | None = None,
+                     start: int = 0, corpus: Path | Sequence[Path] | None = None, feature_cache: Path | None = None,
                      cache: Path | None = None, shard_size: int = 64, progress: bool = True) -> tuple[Path, dict]:
     """Read + format the training conversations and extract the target's features (cached, resumable).
 
     `target` is a LoadedModel (model, tokenizer, name, weights_sha256). Without `corpus` the conversations
     are the usable ones number `start`..`start+max_conversations` of `data`, after decontamination against
     the evaluation prompts, never the last HELDOUT_TAIL usable ones of the source. With `corpus` (a
-    directory written by `specbench distill`: the target's own answers, as token ids) they are its first
-    `max_conversations` (all when None), cut at `max_tokens`. Returns (cache directory, data info for the
-    manifest).
+    directory written by `specbench distill`: the target's own answers, as token ids; or several, shards of one
+    corpus, `corpus.load_corpora`) they are its first `max_conversations` (all when None), cut at
+    `max_tokens`. Returns (cache directory, data info for the manifest).
     """
     from .sharegpt import format_conversation, select_training_conversations
 
@@ -261,10 +261,11 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int |
     examples = []
     n_trunc = 0
     if corpus is not None:
-        from .corpus import load_corpus
+        from .corpus import load_corpora
 
-        cp = load_corpus(corpus, target_sha256=target.weights_sha256)
+        cp = load_corpora([corpus] if isinstance(corpus, (str, Path)) else corpus, target_sha256=target.weights_sha256)
         spec = cp.manifest["spec"]
+        where = ", ".join(map(str, cp.paths))
         for r in cp.records[:max_conversations]:
             n_trunc += len(r.input_ids) > max_tokens
             ids, mask = r.input_ids[:max_tokens], r.loss_mask[:max_tokens]
@@ -272,11 +273,11 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int |
                 examples.append(FeatureExample(r.id, ids, mask))
         data_ident = f"corpus:sha256={cp.content_sha256}"
         selection = {"corpus": True, "max_conversations": max_conversations}
-        info = {"source": f"corpus {cp.path}: the target's answers to {spec['source']}", "source_id": data_ident,
-                "corpus": {"path": str(cp.path), "content_sha256": cp.content_sha256, "spec": spec,
+        info = {"source": f"corpus {where}: the target's answers to {spec['source']}", "source_id": data_ident,
+                "corpus": {"path": where, "content_sha256": cp.content_sha256, "spec": spec,
                            "conversations": spec["conversations"], "tokens": cp.manifest["tokens"]},
                 "heldout_tail": spec["selection"]["heldout_tail"], "start": spec["selection"]["start"]}
-        log.info(f"data: corpus {cp.path}: {len(cp.records)} answered conversations; using {len(examples)}")
+        log.info(f"data: corpus {where}: {len(cp.records)} answered conversations; using {len(examples)}")
     else:
         if max_conversations is None:
             raise ValueError("max_conversations is required without a corpus")

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def init_state(head, given: dict, wanted: dict, source) -> None:
 
 def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", max_conversations: int | None = 1000,
           max_tokens: int = 512, epochs: int = 3, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
-          corpus: Path | None = None, resume: bool = True,
+          corpus: Path | Sequence[Path] | None = None, resume: bool = True,
           feature_cache: Path | None = None, work_dir: Path | None = None, warmup_steps: int | None = None,
           save_every: int = 50, grad_clip_value: float = 0.5, heldout: int = 50, device: str = "auto",
           dtype: str = "float32", progress: bool = True, max_steps: int | None = None, command: str | None = None,
@@ -79,7 +80,8 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     state lives in `work_dir` (default ``cache_dir()/train/<task>-<hash of the settings>``), so an
     interrupted run resumes bit-identically. `init_from`: a checkpoint of the task's architecture whose
     weights initialise the head (a second training phase); its MANIFEST.json is embedded in the new one.
-    `corpus`: train on a distillation corpus (`specbench distill`) instead of `data`'s own replies.
+    `corpus`: train on a distillation corpus (`specbench distill`), or several shards of one, instead of
+    `data`'s own replies.
     The held-out check is the top-1 agreement on `heldout` ShareGPT conversations never trained on.
     Returns `out`.
     """
@@ -194,9 +196,10 @@ def parser(task_cls: type[Task], method: str | None = None, defaults: dict | Non
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus", type=Path,
+    p.add_argument("--corpus", type=Path, nargs="+",
                    help="train on a distillation corpus (the target's own answers, from `specbench distill`) instead "
-                        "of the data's replies; --max-conversations then defaults to all of it")
+                        "of the data's replies, or on several shards of one (disjoint --start ranges); "
+                        "--max-conversations then defaults to all of it")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--feature-cache", type=Path)
     p.add_argument("--work-dir", type=Path)
@@ -227,10 +230,10 @@ def main(task_cls: type[Task], argv: list[str] | None = None, *, method: str | N
     if a.max_conversations is not None and a.max_conversations < 1:
         p.error(f"--max-conversations must be >= 1, got {a.max_conversations}")
     if a.corpus is not None:  # checked before the target is loaded
-        from .corpus import CorpusError, load_corpus
+        from .corpus import CorpusError, load_corpora
 
         try:
-            load_corpus(a.corpus)
+            load_corpora(a.corpus)
         except CorpusError as e:
             p.error(str(e))
     max_conv = a.max_conversations if a.max_conversations or a.corpus else 1000
