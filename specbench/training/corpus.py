@@ -145,6 +145,11 @@ def _batches(n: int, n_settings: int, batch_size: int) -> list[tuple[int, int, l
     return out
 
 
+def _differs(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ between two specs (sorted)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _batch_seed(seed: int, setting: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{setting}:{batch}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
@@ -183,7 +188,7 @@ def build_corpus(target, out_dir: Path, *, data: str = "sharegpt", start: int = 
     manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
     if manifest is not None and manifest.get("spec") != spec:
         old = manifest.get("spec") or {}
-        differs = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        differs = _differs(old, spec)
         raise CorpusError(f"{out_dir} holds a corpus made with other settings (differs in: {differs}); use "
                           "another --out, or the command in its MANIFEST.json to finish it")
     if manifest is None and path.exists():
@@ -388,28 +393,33 @@ def load_corpus(path: Path, *, target_sha256: str | None = None) -> Corpus:
     return Corpus((path,), manifest, out)
 
 
-def load_corpora(paths: Sequence[Path], *, target_sha256: str | None = None) -> Corpus:
+def load_corpora(paths: Path | Sequence[Path], *, target_sha256: str | None = None) -> Corpus:
     """One corpus from one directory, or from several (shards): corpora made with the same spec over
     disjoint ranges of the same source (``specbench distill --start S --max-conversations N``), so a large
     corpus can be generated and committed a range at a time. Each shard is read strictly (`load_corpus`);
     the union's records are in source order and its content sha256 is that of its shards' (in order), so it
     names the training data as one directory's does. One path: that corpus, unchanged."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise CorpusError("no corpus directory given")
     parts = sorted((load_corpus(p, target_sha256=target_sha256) for p in paths),
                    key=lambda c: c.manifest["spec"]["selection"]["start"])
     if len(parts) == 1:
         return parts[0]
+
+    def shard_free(spec: dict) -> dict:  # a spec without what tells its shards apart
+        return {**spec, "conversations": None,
+                "selection": {**spec["selection"], "start": None, "max_conversations": None}}
+
+    base = shard_free(parts[0].manifest["spec"])
     ranges = []
     for c in parts:
         spec = c.manifest["spec"]
         ranges.append((spec["selection"]["start"], spec["selection"]["start"] + spec["conversations"], c.paths[0]))
-        differs = sorted(k for k in set(spec) | set(parts[0].manifest["spec"])
-                         if k not in ("selection", "conversations") and spec.get(k) != parts[0].manifest["spec"].get(k))
-        if differs or spec["selection"]["heldout_tail"] != parts[0].manifest["spec"]["selection"]["heldout_tail"]:
+        differs = _differs(shard_free(spec), base)
+        if differs:
             raise CorpusError(f"{c.paths[0]} and {parts[0].paths[0]} are not shards of one corpus (they differ in: "
-                              f"{differs or ['selection.heldout_tail']}); shards differ only in --start and "
-                              "--max-conversations")
+                              f"{differs}); shards differ only in --start and --max-conversations")
     for (a0, a1, pa), (b0, b1, pb) in zip(ranges, ranges[1:]):
         if b0 < a1:
             raise CorpusError(f"{pa} (conversations {a0}-{a1 - 1}) and {pb} ({b0}-{b1 - 1}) overlap; shards must "

@@ -263,7 +263,7 @@ def prepare_features(target, *, data: str = "sharegpt", max_conversations: int |
     if corpus is not None:
         from .corpus import load_corpora
 
-        cp = load_corpora([corpus] if isinstance(corpus, (str, Path)) else corpus, target_sha256=target.weights_sha256)
+        cp = load_corpora(corpus, target_sha256=target.weights_sha256)
         spec = cp.manifest["spec"]
         where = ", ".join(map(str, cp.paths))
         for r in cp.records[:max_conversations]:
