@@ -855,3 +855,59 @@ def test_greedy_divergences_are_reported_as_ties_or_bugs(tmp_path, capsys):
     assert rc == 0, err
     assert "greedy output equals vanilla on 1/4 samples (2 at a numerical tie, 1 not: a losslessness bug)" in " ".join(
         (out + err).split())
+
+
+def _seeded(method: str, params: dict, step: int, seed: int, variant=None, data="corpus:sha256=c0") -> dict:
+    """A run whose draft checkpoint's manifest says: trained with `seed` on `data`, as arm `variant`."""
+    doc = _doc_per_prompt(method, params, [[step] * (24 // step)] * 4)
+    doc["config"]["draft"] = {"method": method, "variant": variant, "seed": seed, "data": data, "epochs": 1,
+                              "max_steps": None, "tokens": 1000}
+    doc["config"]["params"] = dict(params, checkpoint=f"/heads/{method}-{variant}-{seed}")
+    return doc
+
+
+def test_seed_replicas_of_an_arm_join_into_one_verdict(tmp_path, capsys):
+    """fspad beats eagle2 with both of its seeds against both of eagle2's: one "holds" over the four pairs
+    of seeds. A second fspad seed that loses makes the seeds disagree: within noise, whatever one pair says.
+    A head trained as another arm (variant wofs) is its own arm, and heads trained on other data are not
+    compared."""
+    from specbench.methods import available_methods
+
+    fs, e2 = (available_methods()[m].defaults for m in ("fspad", "eagle2"))
+    claim = {"id": "f", "text": "fspad beats eagle2", "better": "fspad", "worse": "eagle2", "metric": "tau"}
+    d = tmp_path / "seeds"
+    d.mkdir()
+    for seed, step in ((0, 3), (1, 4)):
+        write(d / f"fspad{seed}.json", _seeded("fspad", fs, step, seed))
+    for seed in (0, 1):
+        write(d / f"eagle2{seed}.json", _seeded("eagle2", e2, 2, seed))
+    write(d / "wofs.json", _seeded("fspad", fs, 1, 0, variant="wofs"))
+    runs = C.load_inputs([str(d)])
+    assert sorted(r.arm for r in runs) == ["eagle2", "eagle2", "fspad", "fspad", "fspad[wofs]"]
+    results = C.check_claims(runs, [claim])
+    assert len(results) == 4 and all(cr["verdict"] == "holds" for cr in results)
+    [group] = C.seed_spread(results)
+    assert group["verdict"] == "holds" and not group["seeds_disagree"] and len(group["pairs"]) == 4
+    assert group["better"] == {0: 3.0, 1: 4.0} and group["worse"] == {0: 2.0, 1: 2.0}
+    rc, out, err = run_cli([str(d), "--baseline", str(_claims_file(tmp_path, [claim]))], capsys)
+    assert rc == 0, err
+    assert "holds on mt_bench T=0: 3.000/4.000 (seeds 0/1) vs 2.000/2.000 (seeds 0/1); holds on all 4 pairs" in out
+    # the ablation is judged as its own arm
+    [cr] = C.check_claims(runs, [{"id": "a", "better": "fspad", "worse": "fspad[wofs]", "metric": "tau"}])[:1]
+    assert cr["verdict"] == "holds" and cr["runs"][1].arm == "fspad[wofs]"
+    # seed 1 now loses to eagle2: the pairs disagree
+    write(d / "fspad1.json", _seeded("fspad", fs, 1, 1))
+    [group] = C.seed_spread(C.check_claims(C.load_inputs([str(d)]), [claim]))
+    assert group["verdict"] == "within noise" and group["seeds_disagree"]
+    # other training data: not checked, and nothing to join
+    write(d / "fspad1.json", _seeded("fspad", fs, 4, 1, data="corpus:sha256=other"))
+    results = C.check_claims(C.load_inputs([str(d)]), [claim])
+    unchecked = [cr for cr in results if not cr["checked"]]
+    assert len(unchecked) == 2 and all("drafts trained on other data" in cr["reason"] for cr in unchecked)
+    assert [len(g["pairs"]) for g in C.seed_spread(results)] == [2]
+
+
+def _claims_file(tmp_path, claims: list[dict]) -> Path:
+    p = tmp_path / "claims.json"
+    p.write_text(json.dumps({"kind": "specbench.claims", "schema_version": 1, "claims": claims}))
+    return p

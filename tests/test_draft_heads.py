@@ -22,6 +22,7 @@ from specbench.models.draft_heads import (
     CheckpointError,
     HeadArch,
     LoadedHead,
+    checkpoint_provenance,
     checkpoint_sha256,
     head_arch,
     load_head,
@@ -195,3 +196,27 @@ def test_every_committed_head_carries_a_manifest_that_matches_it():
         variant = man["training"]["task"].get("variant")
         assert cfg.get("fspad_variant") == variant, d.name
         assert variant in (None, "fspad") or f"-{variant}-" in d.name, d.name
+        # what results files record of it: the arm, seed and data claims group runs by
+        prov = checkpoint_provenance(d)
+        arm = {"fspad": None if variant == "fspad" else variant,
+               "hass": {"additive": None}.get(man["training"]["task"].get("mask_mode"), "official")}.get(man["method"])
+        assert prov["variant"] == man["variant"] == arm, d.name
+        assert prov["seed"] == man["training"]["seed"] and prov["epochs"] == man["training"]["epochs"], d.name
+        corpus = man["data"].get("corpus")
+        assert prov["data"] == (f"corpus:sha256={corpus['content_sha256']}" if corpus else
+                                f"{man['data']['source_id']} start=0 conversations={man['data']['conversations_used']} "
+                                f"max_tokens={man['data']['max_tokens']}"), d.name
+
+
+def test_a_head_without_a_manifest_has_no_provenance(tmp_path):
+    assert checkpoint_provenance(tmp_path) is None and checkpoint_provenance(None) is None
+    (tmp_path / "MANIFEST.json").write_text("{not json")
+    assert checkpoint_provenance(tmp_path) is None
+
+
+def test_a_task_names_its_arm_only_off_the_default():
+    from specbench.training.fspad import FspadOptions, FspadTask
+    from specbench.training.hass import HassOptions, HassTask
+
+    assert HassTask().variant() is None and HassTask(HassOptions(mask_mode="official")).variant() == "official"
+    assert FspadTask().variant() is None and FspadTask(FspadOptions(variant="wofs")).variant() == "wofs"

@@ -372,3 +372,29 @@ def test_seed_out_of_range_and_a_malformed_resume_file_are_one_line(cli_env, cap
     (tmp_path / "r.json").write_text(json.dumps(doc))
     assert "'config' is not a JSON object" in _one_line_exit_2(RUN + ["--out", "r.json"], capsys)
     assert cli_env == []
+
+
+def test_a_head_run_records_how_its_checkpoint_was_trained(runner, tmp_path):
+    """config.draft carries the head manifest's seed, arm and data (what claims group seeds and check like
+    with like by); it is read, not compared, when a run resumes: the weights' sha256 pins the head."""
+    from specbench.models.draft_heads import save_head
+    from specbench.training.eagle import EagleOptions, EagleTask
+
+    head_dir = tmp_path / "head"
+    save_head(EagleTask(EagleOptions(embed_init_scale=1.0)).make_head(runner.target.model, seed=0).eval(), "eagle",
+              head_dir)
+    manifest = {"method": "eagle", "variant": None, "seed": 7,
+                "data": {"source_id": "corpus:sha256=c0", "corpus": {"content_sha256": "c0"}, "tokens": 10},
+                "training": {"seed": 7, "epochs": 2, "max_steps": None}}
+    (head_dir / "MANIFEST.json").write_text(json.dumps(manifest))
+    out = tmp_path / "r.json"
+    cfg = _cfg(method="eagle2", limit=1, max_new_tokens=6, params={"checkpoint": str(head_dir)})
+    doc = runner.run(cfg, out=out, progress=False)
+    assert doc["config"]["draft"] == {"method": "eagle", "variant": None, "seed": 7, "data": "corpus:sha256=c0",
+                                      "tokens": 10, "epochs": 2, "max_steps": None}
+    (head_dir / "MANIFEST.json").write_text(json.dumps(manifest | {"variant": "x"}))
+    doc = runner.run(_cfg(method="eagle2", limit=2, max_new_tokens=6, params={"checkpoint": str(head_dir)}), out=out,
+                     progress=False)
+    assert doc["config"]["draft"]["variant"] == "x" and len({s["id"] for s in doc["samples"]}) == 2
+    doc = runner.run(_cfg(limit=1), out=tmp_path / "pld.json", progress=False)
+    assert "draft" not in doc["config"]  # no checkpoint, nothing recorded

@@ -70,7 +70,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 # Config keys that depend on the loaded model or drafter; every other key is known before loading.
 _MODEL_KEYS = ("target", "dtype", "device", "device_map", "runtime", "draft_checkpoint_sha256", "draft_vocab_sha256")
-_UNCHECKED_KEYS = ("prompt_ids", "limit")  # a resumed run may extend the prompt list
+# a resumed run may extend the prompt list; the draft's provenance is read from the manifest of the
+# checkpoint whose weights draft_checkpoint_sha256 already pins (files older than it lack it)
+_UNCHECKED_KEYS = ("prompt_ids", "limit", "draft")
 _SPELLING_KEYS = ("dataset_file.path",)  # how the file was named; its sha256 is what must match
 
 
@@ -227,6 +229,9 @@ class Runner:
         config = self._config(plan)
         # Drafters with weights expose the hash of the checkpoint they actually loaded.
         config["draft_checkpoint_sha256"] = getattr(drafter, "checkpoint_sha256", None)
+        provenance = getattr(drafter, "draft_provenance", None)  # seed, variant, data: what claims group by
+        if provenance:
+            config["draft"] = provenance
         vocab_sha = getattr(drafter, "draft_vocab_sha256", None)  # the ranking a reduced draft vocabulary follows
         if vocab_sha:
             config["draft_vocab_sha256"] = vocab_sha

@@ -54,7 +54,7 @@ import torch
 from ..decoding.tree import Proposal, Tree
 from ..decoding.verify import Verdict
 from ..errors import UsageError
-from ..models.draft_heads import CheckpointError, LoadedHead, load_head
+from ..models.draft_heads import CheckpointError, LoadedHead, checkpoint_provenance, load_head
 from ..models.target import buffer_cache
 from . import catalogue
 from .base import DrafterBase, Method
@@ -207,6 +207,11 @@ class _HeadDrafter(DrafterBase):
     def checkpoint_sha256(self) -> str | None:
         """sha256 of the head's weight file (None for an in-memory head), for results files."""
         return self.loaded.weights_sha256
+
+    @property
+    def draft_provenance(self) -> dict | None:
+        """How the head was trained (`draft_heads.checkpoint_provenance`), for results files."""
+        return checkpoint_provenance(self.loaded.source)
 
     @property
     def draft_vocab_sha256(self) -> str | None:

@@ -48,6 +48,10 @@ class DraftModelDrafter(DrafterBase):
             raise UsageError(f"gamma must be >= 1, not {gamma}")
         self.draft, self.sampling, self.generator, self.gamma = draft, sampling, generator, int(gamma)
         self.checkpoint_sha256 = getattr(draft, "weights_sha256", None) or None  # recorded in results files
+        # a stored draft is named by its directory, whose manifest says how it was trained
+        from ..models.draft_heads import checkpoint_provenance
+
+        self.draft_provenance = checkpoint_provenance(getattr(draft, "name", None))
         self._base = 0  # length of the sequence the last proposal continued
         self.vocab = DraftVocab(draft.head.weight.detach(), _detached(getattr(draft.head, "bias", None)),
                                 draft_vocab, ranking)

@@ -237,6 +237,30 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return sha256_file(weights_file(Path(path)))
 
 
+def checkpoint_provenance(path: str | os.PathLike | None) -> dict | None:
+    """How a trained checkpoint was made, from its MANIFEST.json, for results files: the training `seed`,
+    the head's `variant` (None: the method's main arm), the `data` it was trained on and the `epochs`.
+    Claims compare methods only when their heads share data and epochs, and spread over seeds. None when
+    the directory has no manifest (a converted or hand-made head), or `path` is no directory."""
+    if path is None or not (Path(path) / "MANIFEST.json").is_file():
+        return None
+    try:
+        man = json.loads((Path(path) / "MANIFEST.json").read_text())
+        data, training = man.get("data") or {}, man.get("training") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(training, dict):
+        return None
+    # the data's identity: a corpus is its content hash; a raw source is its id plus the selection
+    corpus = data.get("corpus") if isinstance(data.get("corpus"), dict) else None
+    ident = (f"corpus:sha256={corpus.get('content_sha256')}" if corpus else
+             f"{data.get('source_id')} start={data.get('start', 0)} conversations={data.get('conversations_used')} "
+             f"max_tokens={data.get('max_tokens')}")
+    seed = man.get("seed", training.get("seed"))
+    return {"method": man.get("method"), "variant": man.get("variant"), "seed": seed, "data": ident,
+            "tokens": data.get("tokens"), "epochs": training.get("epochs"), "max_steps": training.get("max_steps")}
+
+
 def _what_to_do(target_name: str) -> str:
     who = f" for {target_name}" if target_name else ""
     return f"use a draft checkpoint trained{who} (or train one with `specbench train --method M ...`)"

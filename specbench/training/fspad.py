@@ -33,6 +33,7 @@ class FspadTask(EagleTask):
     arch = "fspad"
     Options = FspadOptions
     opts: FspadOptions
+    variant_option = "variant"
 
     def head_options(self) -> dict:
         from ..models.fspad_head import FspadHead

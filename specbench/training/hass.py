@@ -101,6 +101,7 @@ class HassTask(EagleTask):
     arch = "eagle"
     Options = HassOptions
     opts: HassOptions
+    variant_option = "mask_mode"
 
     def make_head(self, model, data=None, seed: int = 0):
         if self.opts.forward_num_total < 1 or self.opts.topk < 1:

@@ -155,6 +155,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
     n_params = sum(v.numel() for v in task.exported_state(head).values() if v.is_floating_point())
     manifest = {
         "method": task.name,
+        "variant": task.variant(),
         "format": task.format(),
         "weights_file": "model.safetensors", "weights_sha256": wsha, "weights_dtype": "float32",
         "trainable_parameters": n_params,

@@ -56,6 +56,10 @@ class Task(abc.ABC):
     name: ClassVar[str] = ""
     arch: ClassVar[str] = ""
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+    # The option that makes a trained head another arm of the same method (FSPAD's ablations, HASS's
+    # masking): recorded as the manifest's "variant" when it differs from its default, so results files
+    # and claims tell `fspad[wofs]` from `fspad`.
+    variant_option: ClassVar[str | None] = None
 
     def __init__(self, opts: TaskOptions | None = None, seed: int = 0):
         self.opts = opts if opts is not None else self.Options()
@@ -83,6 +87,14 @@ class Task(abc.ABC):
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.opts)
+
+    def variant(self) -> str | None:
+        """The value of `variant_option` when it is not the default (None: the method's main arm)."""
+        if self.variant_option is None:
+            return None
+        value = getattr(self.opts, self.variant_option)
+        default = {f.name: f.default for f in dataclasses.fields(self.Options)}[self.variant_option]
+        return None if value == default else str(value)
 
     def phases(self) -> list[Phase]:
         return [Phase(self.opts)]

@@ -20,7 +20,7 @@ The suites (``suites/_harness.py``) use `run_from_document`, `compare`, `RefSet`
 `embedded_references`, `benchmark_record`, `dataset_size`, `why_not_comparable` and `one_line`.
 """
 
-from .claims import check_claims, claim_statement, claim_threshold, why_not_comparable
+from .claims import check_claims, claim_statement, claim_threshold, seed_spread, why_not_comparable
 from .command import add_parser, cmd_compare, configure, main
 from .common import (
     CLAIMS_KIND,
@@ -101,6 +101,7 @@ __all__ = [
     "reference_document",
     "render",
     "run_from_document",
+    "seed_spread",
     "settings_mismatch",
     "why_not_comparable",
 ]

@@ -13,7 +13,9 @@ pair makes it meaningful:
    checkpoint aside), or equal draft budgets (`Method.draft_budget`): the same number of tree
    nodes verified per step (EAGLE: the static tree's nodes; EAGLE-2: total_tokens; PLD:
    num_pred_tokens + 1; Lookahead: guess x (level - 1) + 1) and, for methods that can restrict
-   it, the same draft vocabulary size (0, the full vocabulary, included).
+   it, the same draft vocabulary size (0, the full vocabulary, included);
+3. like-trained drafts: where both runs record how their draft checkpoints were made (`config.draft`,
+   from the checkpoints' manifests), the same training data and epochs.
 
 Any other pair is reported as "not checked" with the reason, never as holding or violated:
 an EAGLE-2 run of 8 tree nodes says nothing about the paper's 60-node EAGLE-2 against EAGLE's
@@ -24,8 +26,12 @@ from a paired bootstrap over the prompts both runs measured (a prompt's turns re
 tau of a resample is its new tokens over its steps, as the runs' own tau): it "holds" when the
 interval lies above 0, is "VIOLATED" when below, and is "within noise" when it contains 0, i.e. when
 other prompts of the same set could reverse the order. The interval is that of the prompt sample
-only: a second training seed of the heads adds its own spread. Other metrics, and runs that do not
-record their samples, are judged on the point values.
+only. Other metrics, and runs that do not record their samples, are judged on the point values.
+
+Seeds. Claims name a method's arms (`Run.arm`: `fspad`, `fspad[wofs]`, ...); runs of one arm whose
+draft checkpoints were trained with other seeds are its seed replicas. `seed_spread` joins the pairs of
+one claim and row that differ only in those seeds: each arm's value per seed, and one verdict that
+holds (or is violated) only when it does on every pair of seeds, else "within noise".
 """
 
 from __future__ import annotations
@@ -82,6 +88,13 @@ def why_not_comparable(a: Run, b: Run, methods: dict, metric: str = "tau") -> st
         elif any(ba[k] != bb[k] for k in ba.keys() & bb.keys()):
             why.append(f"{a.label} verifies {_budget_text(ba)}, {b.label} {_budget_text(bb)}: judged only at equal "
                        f"budgets or with both at the papers' settings")
+    da, db = a.draft or {}, b.draft or {}
+    if da.get("data") and db.get("data"):  # both record their training: like with like
+        if da["data"] != db["data"]:
+            why.append(f"drafts trained on other data ({da['data']} vs {db['data']})")
+        if (da.get("epochs"), da.get("max_steps")) != (db.get("epochs"), db.get("max_steps")):
+            why.append(f"drafts trained for other budgets ({da.get('epochs')} vs {db.get('epochs')} epochs, "
+                       f"max_steps {da.get('max_steps')} vs {db.get('max_steps')})")
     return "; ".join(why) or None
 
 
@@ -155,8 +168,8 @@ def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
         for key, rs in sorted(by_setting.items(), key=lambda kv: str(kv[0])):
             if (cl.get("datasets") and key[1] not in cl["datasets"]) or (temps is not None and key[2] not in temps):
                 continue
-            for a in (r for r in rs if r.method == cl["better"]):
-                for b in (r for r in rs if r.method == cl["worse"]):
+            for a in (r for r in rs if r.arm == cl["better"]):
+                for b in (r for r in rs if r.arm == cl["worse"]):
                     methods = _methods() if methods is None else methods
                     va, vb = a.value(cl["metric"]), b.value(cl["metric"])
                     reason = why_not_comparable(a, b, methods, cl["metric"])
@@ -167,8 +180,41 @@ def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
                                                         delta=float(cl.get("min_delta", 0.0)))
                                 if reason is None and cl["metric"] == "tau" else None)
                     out.append({"claim": cl, "target": key[0], "dataset": key[1], "temperature": key[2],
-                                "labels": (a.label, b.label), "better": va, "worse": vb,
+                                "labels": (a.label, b.label), "runs": (a, b), "better": va, "worse": vb,
                                 "checked": reason is None, "holds": holds, "interval": interval,
                                 "verdict": _verdict(holds, interval) if reason is None else None,
                                 "reason": reason or ""})
+    return out
+
+
+def _replica_key(r: Run) -> tuple:
+    """What seed replicas of one arm share: everything of the run but its draft checkpoint and seed."""
+    params = {k: v for k, v in sorted(r.params.items()) if k != "checkpoint"}
+    draft = {k: v for k, v in sorted((r.draft or {}).items()) if k != "seed"}
+    return (r.arm, repr(params), repr(draft), r.max_new_tokens, r.top_k, r.top_p)
+
+
+def seed_spread(results: list[dict]) -> list[dict]:
+    """The checked results of `check_claims` joined over draft seeds: one entry per claim, row and pair of
+    arm settings, with `pairs` (the results joined), `better` / `worse` ({draft seed: value}; seed None for
+    a run without a recorded seed or checkpoint), `verdict` (holds / violated on every pair, else within
+    noise) and `seeds_disagree` (some pair holds and another is violated)."""
+    groups: dict[tuple, list[dict]] = {}
+    for cr in results:
+        if not cr["checked"]:
+            continue
+        a, b = cr["runs"]
+        key = (cr["claim"].get("id") or cr["claim"]["text"], cr["target"], cr["dataset"], cr["temperature"],
+               _replica_key(a), _replica_key(b))
+        groups.setdefault(key, []).append(cr)
+    out = []
+    for pairs in groups.values():
+        verdicts = {cr["verdict"] for cr in pairs}
+        verdict = next(iter(verdicts)) if len(verdicts) == 1 else "within noise"
+        first = pairs[0]
+        out.append({"claim": first["claim"], "target": first["target"], "dataset": first["dataset"],
+                    "temperature": first["temperature"], "pairs": pairs,
+                    "better": {cr["runs"][0].draft_seed: cr["better"] for cr in pairs},
+                    "worse": {cr["runs"][1].draft_seed: cr["worse"] for cr in pairs},
+                    "verdict": verdict, "seeds_disagree": {"holds", "violated"} <= verdicts})
     return out

@@ -17,7 +17,7 @@ import string
 import textwrap
 
 from ...errors import UsageError
-from .claims import claim_statement
+from .claims import claim_statement, seed_spread
 from .common import METRIC_LABEL, METRICS, VERDICTS
 from .references import RefSet
 from .runs import Run, label_sort_key
@@ -160,6 +160,13 @@ def legend(runs: list[Run]) -> list[str]:
     return out
 
 
+def _where(cl: dict, cr: dict, several_targets: bool, labels: tuple | None = None) -> str:
+    """The row of a claim result, with the runs' labels when they are not the claim's own names."""
+    labels = labels or cr["labels"]
+    return ((f"{cr['target']} " if several_targets else "") + f"{cr['dataset']} T={cr['temperature']:g}"
+            + ("" if labels == (cl["better"], cl["worse"]) else " ({} vs {})".format(*labels)))
+
+
 def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
     if not claim_results:
         return []
@@ -171,17 +178,28 @@ def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
         cl = results[0]["claim"]
         out.append(f"  {claim_statement(cl)}" + (f" ({cl['source']})" if cl.get("source") else ""))
         unchecked: dict[str, list[str]] = {}
-        for cr in results:
-            where = ((f"{cr['target']} " if several_targets else "") + f"{cr['dataset']} T={cr['temperature']:g}"
-                     + ("" if cr["labels"] == (cl["better"], cl["worse"]) else " ({} vs {})".format(*cr["labels"])))
-            if cr["checked"]:
-                verdict = {"violated": "VIOLATED"}.get(cr["verdict"], cr["verdict"])
+        for group in seed_spread(results):
+            verdict = {"violated": "VIOLATED"}.get(group["verdict"], group["verdict"])
+            if len(group["pairs"]) == 1:
+                [cr] = group["pairs"]
                 ci = cr.get("interval")
-                out.append(f"    {verdict} on {where}: {fmt(cl['metric'], cr['better'])} vs "
+                out.append(f"    {verdict} on {_where(cl, cr, several_targets)}: {fmt(cl['metric'], cr['better'])} vs "
                            f"{fmt(cl['metric'], cr['worse'])}" + (f" (margin, 95% over prompts: {ci[0]:+.3f} "
                                                                   f"to {ci[1]:+.3f})" if ci else ""))
-            else:
-                unchecked.setdefault(cr["reason"], []).append(where)
+                continue
+            # seed replicas: each arm's values over its seeds, one verdict over every pair of seeds
+            cr = group["pairs"][0]
+            arms = tuple(r.arm for r in cr["runs"])
+            vals = ["/".join(fmt(cl["metric"], v) for _, v in sorted(group[side].items(), key=lambda kv: str(kv[0])))
+                    for side in ("better", "worse")]
+            seeds = ["/".join(str(s) for s in sorted(group[side], key=str)) for side in ("better", "worse")]
+            row = _where(cl, cr, several_targets, arms)
+            how = ("; the seeds disagree" if group["seeds_disagree"] else "" if group["verdict"] == "within noise"
+                   else f"; {group['verdict']} on all {len(group['pairs'])} pairs of seeds")
+            out.append(f"    {verdict} on {row}: {vals[0]} (seeds {seeds[0]}) vs {vals[1]} (seeds {seeds[1]}){how}")
+        for cr in results:
+            if not cr["checked"]:
+                unchecked.setdefault(cr["reason"], []).append(_where(cl, cr, several_targets))
         for reason, wheres in unchecked.items():
             out.append(f"    not checked on {', '.join(wheres)}: {reason}")
     return out

@@ -40,6 +40,21 @@ class Run:
     runtime: str = "hf"  # the target's decoder runtime (files written before there was a choice ran hf)
     # (prompt id, turn) -> (new tokens, steps) of the method on each finished sample; None when not recorded
     per_sample: dict | None = None
+    # how the run's draft checkpoint was trained (seed, variant, data, epochs), when its manifest says
+    draft: dict | None = None
+
+    @property
+    def arm(self) -> str:
+        """What claims name a run by: the method, or `method[variant]` for a head trained as another arm
+        of it (FSPAD's ablations `fspad[wofs]`, `fspad[mlplin]`; HASS's masking `hass[official]`)."""
+        variant = (self.draft or {}).get("variant")
+        return f"{self.method}[{variant}]" if variant else self.method
+
+    @property
+    def draft_seed(self) -> int | None:
+        """The training seed of the run's draft checkpoint (None: no checkpoint, or not recorded)."""
+        seed = (self.draft or {}).get("seed")
+        return int(seed) if is_num(seed) else None
 
     @property
     def hardware(self) -> str | None:
@@ -157,6 +172,7 @@ def run_from_document(doc: dict, source: str) -> Run:
         status=str(doc.get("status", "complete")), greedy=summ.get("greedy_identical"), suite=suite,
         label=method, extra=dict(doc.get("compare_extra") or {}), runtime=str(cfg.get("runtime") or "hf"),
         per_sample=_per_sample(doc.get("samples"), method),
+        draft=cfg["draft"] if isinstance(cfg.get("draft"), dict) else None,
     )
 
 
