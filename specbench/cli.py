@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.compare import add_parser as _add_compare
     _add_compare(sub)
+    from .bench.fidelity import add_parser as _add_fidelity
+    _add_fidelity(sub)
     return p
 
 

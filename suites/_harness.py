@@ -478,30 +478,3 @@ def _check_mean(case: Case, runs) -> list[tuple]:
         out.append((row.metric, mean, row.value, verdict, why, f"{row.paper} {row.table} {row.provenance}",
                     row.tolerance_rel))
     return out
-
-
-def run_claim(ctx: SuiteContext, claim: dict, dataset: str, temperature: float, benchmark, request) -> None:
-    """An ordering claim (e.g. tau(hass) > tau(eagle2)) checked on the embedded target."""
-    case = Case("embedded", "full", claim.get("paper", "claim"), "claims", EMBEDDED_TARGET, claim["better"],
-                dataset, float(temperature))
-    params = {}
-    for m in (claim["better"], claim["worse"]):
-        params[m] = method_params(case, m)
-    ctx.runner(EMBEDDED_TARGET)
-    for m in (claim["better"], claim["worse"]):
-        _preflight(ctx, case, m, params[m])
-    benchmark.group = f"claims: {EMBEDDED_TARGET} {dataset} T={temperature:g}"
-    entries = benchmark.pedantic(lambda: [ctx.run(case, m, dataset, params[m], request.node.nodeid)
-                                          for m in (claim["better"], claim["worse"])], rounds=1, iterations=1)
-    a, b = (C.run_from_document(e["doc"], str(e["path"])) for e in entries)
-    from specbench.methods import available_methods
-
-    why = C.why_not_comparable(a, b, available_methods())  # the rule `specbench compare` applies
-    if why:
-        pytest.skip(f"claim not checkable on these runs: {why}")
-    va, vb = a.value(claim["metric"]), b.value(claim["metric"])
-    benchmark.extra_info.update({"claim": claim["text"], "better": va, "worse": vb, "dataset": dataset,
-                                 "temperature": temperature})
-    assert va is not None and vb is not None and va > C.claim_threshold(claim, vb), (
-        f"claim not reproduced on {EMBEDDED_TARGET}: {C.claim_statement(claim)} -- {claim['better']} "
-        f"{va} vs {claim['worse']} {vb} on {dataset} T={temperature:g}")

@@ -118,3 +118,41 @@ def plot_runs(runs, vanilla, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_fidelity(taus: dict, arms: list[str], path: Path, title: str) -> Path:
+    """The fidelity study's figure: tau of each arm per (dataset, temperature), the bar at the mean over the
+    arm's training seeds and the whisker from the lowest seed to the highest (`fidelity.arm_taus`)."""
+    plt = _matplotlib()
+    arms = [a for a in arms if a in taus]
+    rows = sorted({(ds, t) for a in arms for ds, by_t in taus[a].items() for t in by_t})
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(rows) + 2), 5.2))
+    width = 0.84 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        xs, means, lo, hi = [], [], [], []
+        for g, (ds, t) in enumerate(rows):
+            vals = taus[arm].get(ds, {}).get(t)
+            if not vals:
+                continue
+            m = sum(vals) / len(vals)
+            xs.append(g - 0.42 + width * (i + 0.5))
+            means.append(m)
+            lo.append(m - min(vals))
+            hi.append(max(vals) - m)
+        seeds = max((len(v) for by_t in taus[arm].values() for v in by_t.values()), default=0)
+        ax.bar(xs, means, width * 0.9, color=cmap(i % 20), yerr=[lo, hi], capsize=2,
+               label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})")
+    ax.set_xticks(range(len(rows)), [f"{ds}\nT={t:g}" for ds, t in rows], fontsize=8)
+    ax.set_ylabel("tau = new tokens / target forward (bars: seed mean; whiskers: seed min-max)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

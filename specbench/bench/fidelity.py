@@ -1,0 +1,292 @@
+"""The fidelity study: every trained arm, with its training seeds, run on one set of prompts and
+settings, and the papers' claims judged on those runs (`baselines/embedded/fidelity.json`).
+
+The plan file names the arms (a method, its parameters and one draft checkpoint per training seed),
+the datasets, temperatures, prompt count and token budget, and the claims of `claims.json` to judge.
+`run_plan` writes one results file per (arm, seed, dataset, temperature), resuming whatever is
+there; `measure` judges each claim on every (dataset, temperature) of the plan with compare's rule
+(`compare.claims`: like with like, the paired prompt bootstrap, seeds joined) and returns the table
+rows that `record` stores in the plan file. A claim is judged on all of the study's rows, not only on
+the datasets its paper reported (`in_paper` says which are): a claim about drafting should hold on
+any prompt set, and where it does not, that is a finding.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import write_json
+from ..errors import UsageError
+from .baselines import DEFAULT_ROOT
+
+KIND = "specbench.fidelity"
+SCHEMA_VERSION = 1
+DEFAULT_PLAN = DEFAULT_ROOT / "embedded" / "fidelity.json"
+DEFAULT_CLAIMS = DEFAULT_ROOT / "embedded" / "claims.json"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the study: `method` with `params`, drafting with one checkpoint per training seed."""
+
+    name: str
+    method: str
+    params: dict
+    checkpoints: tuple[str, ...] = ()  # empty: a method without trained weights (PLD, Lookahead)
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    target: str
+    datasets: tuple[str, ...]
+    temperatures: tuple[float, ...]
+    limit: int
+    max_new_tokens: int
+    runtime: str
+    threads: int
+    arms: dict[str, Arm]
+    claims: tuple[str, ...]
+    doc: dict
+
+    def cells(self):
+        """(arm, checkpoint or None, dataset, temperature) of every run the study makes, in run order."""
+        for arm in self.arms.values():
+            for ckpt in arm.checkpoints or (None,):
+                for ds in self.datasets:
+                    for t in self.temperatures:
+                        yield arm, ckpt, ds, t
+
+    def out_name(self, arm: Arm, ckpt: str | None, dataset: str, temperature: float) -> str:
+        seed = f"-s{arm.checkpoints.index(ckpt)}" if ckpt is not None else ""
+        return f"{arm.name.replace('[', '-').replace(']', '')}{seed}-{dataset}-t{temperature:g}.json"
+
+
+def load_plan(path: str | Path = DEFAULT_PLAN) -> Plan:
+    """The study's plan, checked: known methods, parameters and datasets; a typo fails here, not mid-study."""
+    from ..methods import available_methods
+    from .datasets import DATASETS
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable fidelity plan ({e})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise UsageError(f"{path}: not a fidelity plan (kind {KIND!r})")
+    try:
+        methods = available_methods()
+        arms = {}
+        for name, a in doc["arms"].items():
+            if a["method"] not in methods:
+                raise UsageError(f"{path}: arm {name}: unknown method {a['method']!r} "
+                                 f"(known: {', '.join(sorted(methods))})")
+            methods[a["method"]].params(a.get("params") or {})  # unknown or malformed parameters refused
+            arms[name] = Arm(name, a["method"], dict(a.get("params") or {}), tuple(a.get("checkpoints") or ()))
+        plan = Plan(path, str(doc["target"]), tuple(doc["datasets"]), tuple(float(t) for t in doc["temperatures"]),
+                    int(doc["limit"]), int(doc["max_new_tokens"]), str(doc.get("runtime", "auto")),
+                    int(doc.get("threads", 0)), arms, tuple(doc["claims"]), doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UsageError(f"{path}: malformed fidelity plan ({type(e).__name__}: {e})") from None
+    unknown = [d for d in plan.datasets if d not in DATASETS]
+    if unknown:
+        raise UsageError(f"{path}: unknown dataset(s) {', '.join(unknown)} (known: {', '.join(DATASETS)})")
+    return plan
+
+
+def study_claims(plan: Plan, claims_path: str | Path = DEFAULT_CLAIMS) -> list[dict]:
+    """The plan's claims from the claims file, each widened to the study's datasets and temperatures (the
+    paper's own rows kept as `paper_datasets` / `paper_temperatures`)."""
+    from .compare import load_claims
+
+    by_id = {c["id"]: c for c in load_claims(Path(claims_path))}
+    missing = [c for c in plan.claims if c not in by_id]
+    if missing:
+        raise UsageError(f"{plan.path}: claims {', '.join(missing)} are not in {claims_path}")
+    out = []
+    for cid in plan.claims:
+        c = by_id[cid]
+        for side in ("better", "worse"):
+            if c[side] not in plan.arms:
+                raise UsageError(f"{plan.path}: claim {cid} names arm {c[side]!r}, which the plan does not run")
+        out.append(dict(c, datasets=list(plan.datasets), temperatures=list(plan.temperatures),
+                        paper_datasets=c.get("datasets"), paper_temperatures=c.get("temperatures")))
+    return out
+
+
+def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, only=None) -> list[Path]:
+    """Run (or resume) every cell of the plan into `results_dir`; `only(arm, ckpt, dataset, T)` picks a
+    subset. A run whose draft checkpoint trains another arm than the plan names is refused."""
+    import torch
+
+    from .runner import RunConfig, Runner
+
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runner = runner or Runner(plan.target, runtime=plan.runtime)
+    paths = []
+    for arm, ckpt, ds, t in plan.cells():
+        if only is not None and not only(arm, ckpt, ds, t):
+            continue
+        params = dict(arm.params, **({"checkpoint": ckpt} if ckpt is not None else {}))
+        cfg = RunConfig(method=arm.method, dataset=ds, target=plan.target, params=params, limit=plan.limit,
+                        temperature=t, max_new_tokens=plan.max_new_tokens, runtime=plan.runtime)
+        out = results_dir / plan.out_name(arm, ckpt, ds, t)
+        doc = runner.run(cfg, out=out, progress=progress)
+        variant = (doc["config"].get("draft") or {}).get("variant")
+        got = f"{arm.method}[{variant}]" if variant else arm.method
+        if got != arm.name:
+            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
+                             f"({plan.path})")
+        paths.append(out)
+    return paths
+
+
+def _side(arm: str, values: dict) -> dict:
+    vals = [v for _, v in sorted(values.items(), key=lambda kv: str(kv[0]))]
+    return {"arm": arm, "tau": {str(k): v for k, v in sorted(values.items(), key=lambda kv: str(kv[0]))},
+            "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+
+
+def measure(plan: Plan, runs, claims: list[dict]) -> list[dict]:
+    """One row per claim, dataset and temperature of the plan: both arms' tau per training seed (mean, min,
+    max: the seed spread), the joined verdict and each pair's paired-bootstrap interval; a row without a
+    comparable pair says why (`verdict` "not measured")."""
+    from .compare import check_claims, seed_spread
+
+    results = check_claims(runs, claims)
+    rows = []
+    for cl in claims:
+        for ds in plan.datasets:
+            for t in plan.temperatures:
+                mine = [r for r in results if r["claim"] is cl and r["dataset"] == ds and r["temperature"] == t]
+                groups = seed_spread(mine)
+                row = {"claim": cl["id"], "dataset": ds, "temperature": t,
+                       "in_paper": (cl["paper_datasets"] is None or ds in cl["paper_datasets"])
+                       and (cl["paper_temperatures"] is None or t in [float(x) for x in cl["paper_temperatures"]])}
+                if len(groups) != 1:
+                    why = sorted({r["reason"] for r in mine if not r["checked"]})
+                    row.update(verdict="not measured",
+                               reason="; ".join(why) if why else "no runs of both arms" if not groups else
+                               f"{len(groups)} settings of the arms, not one")
+                else:
+                    [g] = groups
+                    row.update(better=_side(cl["better"], g["better"]), worse=_side(cl["worse"], g["worse"]),
+                               verdict=g["verdict"], seeds_disagree=g["seeds_disagree"],
+                               pairs=[{"seeds": [p["runs"][0].draft_seed, p["runs"][1].draft_seed],
+                                       "interval": list(p["interval"]) if p["interval"] else None,
+                                       "verdict": p["verdict"]} for p in g["pairs"]])
+                rows.append(row)
+    return rows
+
+
+def arm_taus(plan: Plan, runs) -> dict:
+    """arm -> dataset -> temperature -> [tau per seed], for the plot and the README table."""
+    out: dict = {}
+    for r in runs:
+        if r.arm in plan.arms and r.dataset in plan.datasets:
+            tau = r.value("tau")
+            if tau is not None:
+                out.setdefault(r.arm, {}).setdefault(r.dataset, {}).setdefault(r.temperature, []).append(tau)
+    return out
+
+
+def record(plan: Plan, rows: list[dict], runs, results_dir: Path) -> None:
+    """Store the measured table in the plan file (atomically), with where its runs are and what ran them."""
+    import datetime
+
+    machines = sorted({(r.machine or "?", str(r.env.get("cpu_isa")), str(r.env.get("threads")), r.runtime)
+                       for r in runs})
+    doc = dict(plan.doc)
+    doc["table"] = {"recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "results": str(results_dir), "runs": len(runs),
+                    "machines": [dict(zip(("machine", "cpu_isa", "threads", "runtime"), m)) for m in machines],
+                    "specbench_commits": sorted({str(r.env.get("git_commit")) for r in runs}), "rows": rows}
+    write_json(plan.path, doc, indent=1)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _fmt_side(side: dict) -> str:
+    if side["min"] == side["max"]:
+        return f"{side['mean']:.3f}"
+    return f"{side['mean']:.3f} [{side['min']:.3f}-{side['max']:.3f}]"
+
+
+def table_lines(rows: list[dict], claims: list[dict]) -> str:
+    """The table as text: a row per claim, dataset and temperature; tau as seed mean [min-max]."""
+    from tabulate import tabulate
+
+    from .compare import claim_statement
+
+    by_id = {c["id"]: c for c in claims}
+    out = []
+    for r in rows:
+        cl = by_id.get(r["claim"])
+        stmt = claim_statement(cl) if cl else r["claim"]
+        verdict = {"violated": "VIOLATED"}.get(r["verdict"], r["verdict"])
+        if r.get("seeds_disagree"):
+            verdict += " (seeds disagree)"
+        out.append([stmt, r["dataset"], f"{r['temperature']:g}", "yes" if r["in_paper"] else "no",
+                    _fmt_side(r["better"]) if "better" in r else "-", _fmt_side(r["worse"]) if "worse" in r else "-",
+                    verdict if "better" in r else f"{verdict}: {r.get('reason', '')}"])
+    return tabulate(out, headers=["claim", "dataset", "T", "paper's row", "better tau", "worse tau", "verdict"])
+
+
+def cmd_fidelity(args) -> int:
+    plan = load_plan(args.plan)
+    if args.action == "run":
+        if not args.results:
+            raise UsageError("fidelity run needs --results DIR (where the study's results files go)")
+        arms = set(args.arm or plan.arms)
+        unknown = arms - set(plan.arms)
+        if unknown:
+            raise UsageError(f"unknown arm(s) {', '.join(sorted(unknown))} (the plan's: {', '.join(plan.arms)})")
+        paths = run_plan(plan, Path(args.results), progress=not args.no_progress,
+                         only=lambda arm, ckpt, ds, t: arm.name in arms)
+        print(f"{len(paths)} runs in {args.results}")
+        return 0
+    claims = study_claims(plan, args.claims)
+    if args.results:
+        from .compare import load_inputs
+
+        runs = [r for r in load_inputs([args.results]) if r.method != "vanilla"]
+        rows = measure(plan, runs, claims)
+        if args.record:
+            record(plan, rows, runs, Path(args.results))
+            print(f"recorded {len(rows)} rows in {plan.path}")
+        if args.plot:
+            from .compare.plot import plot_fidelity
+
+            plot_fidelity(arm_taus(plan, runs), list(plan.arms), Path(args.plot),
+                          f"specbench fidelity study: {plan.target}, {plan.limit} prompts per set, "
+                          f"{plan.max_new_tokens} new tokens")
+            print(f"plot: {args.plot}")
+    else:
+        if args.record or args.plot:
+            raise UsageError("--record and --plot need --results DIR (the runs to measure)")
+        rows = (plan.doc.get("table") or {}).get("rows")
+        if not rows:
+            raise UsageError(f"{plan.path} holds no recorded table yet; measure one with --results DIR")
+    print(table_lines(rows, claims))
+    return 0
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("fidelity", help="the fidelity study: run its plan (`run`) or judge the papers' claims on "
+                                        "its runs, with seed spreads (`table`)")
+    f.add_argument("action", choices=("run", "table"))
+    f.add_argument("--plan", default=str(DEFAULT_PLAN), help="the study's plan (default: %(default)s)")
+    f.add_argument("--claims", default=str(DEFAULT_CLAIMS), help="the claims file (default: %(default)s)")
+    f.add_argument("--results", help="the study's results directory (run: written; table: read; table without "
+                                     "it prints the plan's recorded table)")
+    f.add_argument("--arm", action="append", help="run only this arm (repeatable)")
+    f.add_argument("--record", action="store_true", help="table: store the measured table in the plan file")
+    f.add_argument("--plot", metavar="FILE.png", help="table: tau per arm per dataset with seed bars (matplotlib)")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=cmd_fidelity)

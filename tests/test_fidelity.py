@@ -1,0 +1,130 @@
+"""The fidelity study's plan, runs, table and command, on a tiny random Llama with a toy tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_runner_cli import ToyTokenizer
+
+from specbench import cli
+from specbench.bench import compare as C
+from specbench.bench import fidelity as F
+from specbench.bench.runner import Runner
+from specbench.errors import UsageError
+from specbench.models import tiny_llama
+
+CLAIMS = [{"id": "e2_gt_pld", "text": "eagle2 beats pld", "better": "eagle2", "worse": "pld", "metric": "tau",
+           "datasets": ["humaneval"], "temperatures": [0]},
+          {"id": "pld_gt_lookahead", "text": "pld beats lookahead", "better": "pld", "worse": "lookahead",
+           "metric": "tau"}]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    loaded = tiny_llama(seed=3)
+    loaded.tokenizer = ToyTokenizer(64)
+    return Runner(loaded=loaded)
+
+
+def _head(runner, d, seed: int, variant=None):
+    from specbench.models.draft_heads import save_head
+    from specbench.training.eagle import EagleOptions, EagleTask
+
+    save_head(EagleTask(EagleOptions(embed_init_scale=1.0)).make_head(runner.target.model, seed=seed).eval(),
+              "eagle", d)
+    (d / "MANIFEST.json").write_text(json.dumps({
+        "method": "eagle", "variant": variant, "seed": seed, "data": {"source_id": "x", "corpus": {"content_sha256":
+                                                                                                 "c0"}},
+        "training": {"seed": seed, "epochs": 1, "max_steps": None}}))
+    return str(d)
+
+
+def _plan(tmp_path, arms: dict, **kw) -> F.Plan:
+    doc = {"kind": F.KIND, "schema_version": 1, "target": "tiny", "datasets": ["mt_bench", "humaneval"],
+           "temperatures": [0], "limit": 1, "max_new_tokens": 6, "runtime": "auto", "threads": 0, "arms": arms,
+           "claims": [c["id"] for c in CLAIMS], "table": None} | kw
+    p = tmp_path / "fidelity.json"
+    p.write_text(json.dumps(doc))
+    (tmp_path / "claims.json").write_text(json.dumps({"kind": "specbench.claims", "schema_version": 1,
+                                                      "claims": CLAIMS}))
+    return F.load_plan(p)
+
+
+def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_path, capsys):
+    heads = [_head(runner, tmp_path / f"head{s}", s) for s in (0, 1)]
+    plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": heads},
+                            "pld": {"method": "pld", "params": {}}, "lookahead": {"method": "lookahead"}})
+    res = tmp_path / "res"
+    paths = F.run_plan(plan, res, runner=runner, progress=False)
+    assert sorted(p.name for p in paths) == sorted(
+        [f"eagle2-s{s}-{d}-t0.json" for s in (0, 1) for d in ("mt_bench", "humaneval")]
+        + [f"{m}-{d}-t0.json" for m in ("pld", "lookahead") for d in ("mt_bench", "humaneval")])
+    runs = [r for r in C.load_inputs([str(res)]) if r.method != "vanilla"]
+    claims = F.study_claims(plan, tmp_path / "claims.json")
+    rows = F.measure(plan, runs, claims)
+    assert [(r["claim"], r["dataset"], r["in_paper"]) for r in rows] == [
+        ("e2_gt_pld", "mt_bench", False), ("e2_gt_pld", "humaneval", True),
+        ("pld_gt_lookahead", "mt_bench", True), ("pld_gt_lookahead", "humaneval", True)]
+    for r in rows[:2]:  # eagle2's two seeds, each against the one pld run
+        mine = [x for x in runs if x.dataset == r["dataset"]]
+        taus = {str(x.draft_seed): x.value("tau") for x in mine if x.method == "eagle2"}
+        assert r["better"]["tau"] == taus and r["better"]["min"] == min(taus.values())
+        assert [p["seeds"] for p in r["pairs"]] == [[0, None], [1, None]]
+        assert r["verdict"] in ("holds", "violated", "within noise")
+    # the command: measured and recorded, then printed from the record
+    rc = cli.main(["fidelity", "table", "--plan", str(plan.path), "--claims", str(tmp_path / "claims.json"),
+                   "--results", str(res), "--record"])
+    measured = capsys.readouterr().out
+    assert rc == 0 and "recorded 4 rows" in measured
+    table = json.loads(plan.path.read_text())["table"]
+    assert table["runs"] == len(paths) == 8 and json.loads(json.dumps(rows)) == table["rows"]
+    rc = cli.main(["fidelity", "table", "--plan", str(plan.path), "--claims", str(tmp_path / "claims.json")])
+    assert rc == 0 and capsys.readouterr().out.strip() == measured.split("\n", 1)[1].strip()
+    # resuming finds every run complete and leaves them as they are
+    before = {p.name: p.read_bytes() for p in res.iterdir()}
+    F.run_plan(plan, res, runner=runner, progress=False)
+    assert {p.name: p.read_bytes() for p in res.iterdir()} == before
+
+
+def test_a_plot_shows_every_arm(runner, tmp_path):
+    pytest.importorskip("matplotlib")
+    from specbench.bench.compare.plot import plot_fidelity
+
+    out = plot_fidelity({"eagle2": {"mt_bench": {0.0: [1.5, 1.7]}}, "pld": {"mt_bench": {0.0: [1.2]}}},
+                        ["eagle2", "pld", "hass"], tmp_path / "f.png", "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_arm_must_be_what_its_checkpoint_trained(runner, tmp_path):
+    head = _head(runner, tmp_path / "h", 0, variant="official")
+    plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": [head]},
+                            "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, datasets=["mt_bench"])
+    with pytest.raises(UsageError, match=r"trains arm eagle2\[official\], the plan runs it as eagle2"):
+        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False, only=lambda a, c, d, t: c is not None)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"arms": {"x": {"method": "medusa2"}}}, "arm x: unknown method 'medusa2'"),
+    ({"arms": {"pld": {"method": "pld", "params": {"bogus": 1}}}}, "has no parameter bogus"),
+    ({"datasets": ["mt_bench", "mtbench"]}, "unknown dataset.s. mtbench"),
+    ({"limit": "twenty"}, "malformed fidelity plan"),
+    ({"kind": "specbench.claims"}, "not a fidelity plan"),
+])
+def test_a_bad_plan_is_refused_before_anything_runs(tmp_path, edit, message):
+    with pytest.raises(UsageError, match=message):
+        _plan(tmp_path, **({"arms": {"pld": {"method": "pld"}}} | edit))
+
+
+def test_claims_must_name_the_plans_arms(tmp_path):
+    plan = _plan(tmp_path, {"pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}})
+    with pytest.raises(UsageError, match="claim e2_gt_pld names arm 'eagle2', which the plan does not run"):
+        F.study_claims(plan, tmp_path / "claims.json")
+
+
+def test_the_committed_plan_loads_and_names_committed_claims():
+    plan = F.load_plan()
+    claims = F.study_claims(plan)
+    assert {c["id"] for c in claims} == set(plan.claims)
+    assert set(plan.datasets) == {"mt_bench", "humaneval", "gsm8k", "alpaca", "summarization"}
+    assert plan.temperatures == (0.0, 1.0) and plan.limit >= 20
