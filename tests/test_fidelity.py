@@ -128,3 +128,43 @@ def test_the_committed_plan_loads_and_names_committed_claims():
     assert {c["id"] for c in claims} == set(plan.claims)
     assert set(plan.datasets) == {"mt_bench", "humaneval", "gsm8k", "alpaca", "summarization"}
     assert plan.temperatures == (0.0, 1.0) and plan.limit >= 20
+
+
+def test_the_committed_training_jobs_parse_and_share_one_corpus_and_budget(capsys):
+    """Every job's command line is one its method's trainer accepts (parsed up to a deliberate --threads 0
+    refusal, before anything loads); the jobs of one family share epochs and corpus; an untrained arm runs
+    nothing."""
+    from specbench.methods import get_method
+
+    plan = F.load_plan()
+    jobs = F.training_jobs(plan)
+    for job in jobs:
+        argv = job["argv"]
+        with pytest.raises(SystemExit):
+            get_method(argv[2]).train(argv[3:] + ["--threads", "0"])  # what `specbench train --method M` passes on
+        err = capsys.readouterr().err
+        assert "--threads must be >= 1" in err, (job["out"], err)
+        assert argv[argv.index("--corpus") + 1:argv.index("--corpus") + 3] == plan.doc["training"]["corpus"]
+    epochs = {j["argv"][j["argv"].index("--epochs") + 1] for j in jobs}
+    assert epochs == {"1"}
+    assert {j["seed"] for j in jobs if "hass" in j["arms"]} == {0, 1}
+    assert not [c for c in plan.cells() if c[0].name == "hass[official]"]  # no checkpoint listed yet
+
+
+def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
+    done = tmp_path / "h0"
+    done.mkdir()
+    (done / "MANIFEST.json").write_text(json.dumps({"training": {"finished": True}}))
+    training = {"corpus": ["c1"], "common": ["--max-tokens", "64"],
+                "jobs": [{"arms": ["pld"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}")}]}
+    plan = _plan(tmp_path, {"pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, training=training)
+    assert cli.main(["fidelity", "train", "--plan", str(plan.path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("done specbench train --method eagle --out " + str(done))
+    assert out[1].startswith("train specbench train") and out[1].endswith("--max-tokens 64 --seed 1")
+    bad = _plan(tmp_path, {"pld": {"method": "pld"}}, training=dict(training, jobs=[{"arms": ["x"], "method": "eagle",
+                                                                                      "seeds": [0], "out": "o"}]))
+    with pytest.raises(UsageError, match="training names arm.s. x that the plan does not run"):
+        F.training_jobs(bad)
+    with pytest.raises(UsageError, match="malformed training block"):
+        F.training_jobs(_plan(tmp_path, {"pld": {"method": "pld"}}, training={"jobs": [{}]}))

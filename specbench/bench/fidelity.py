@@ -35,7 +35,8 @@ class Arm:
     name: str
     method: str
     params: dict
-    checkpoints: tuple[str, ...] = ()  # empty: a method without trained weights (PLD, Lookahead)
+    checkpoints: tuple[str, ...] = ()  # one per training seed
+    needs_checkpoint: bool = False  # False: a training-free method (PLD, Lookahead), run once
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ class Plan:
     doc: dict
 
     def cells(self):
-        """(arm, checkpoint or None, dataset, temperature) of every run the study makes, in run order."""
+        """(arm, checkpoint or None, dataset, temperature) of every run the study makes, in run order; an arm
+        that needs a checkpoint and lists none is not trained yet, and makes none."""
         for arm in self.arms.values():
-            for ckpt in arm.checkpoints or (None,):
+            for ckpt in arm.checkpoints or ((None,) if not arm.needs_checkpoint else ()):
                 for ds in self.datasets:
                     for t in self.temperatures:
                         yield arm, ckpt, ds, t
@@ -85,7 +87,8 @@ def load_plan(path: str | Path = DEFAULT_PLAN) -> Plan:
                 raise UsageError(f"{path}: arm {name}: unknown method {a['method']!r} "
                                  f"(known: {', '.join(sorted(methods))})")
             methods[a["method"]].params(a.get("params") or {})  # unknown or malformed parameters refused
-            arms[name] = Arm(name, a["method"], dict(a.get("params") or {}), tuple(a.get("checkpoints") or ()))
+            arms[name] = Arm(name, a["method"], dict(a.get("params") or {}), tuple(a.get("checkpoints") or ()),
+                             methods[a["method"]].needs_checkpoint)
         plan = Plan(path, str(doc["target"]), tuple(doc["datasets"]), tuple(float(t) for t in doc["temperatures"]),
                     int(doc["limit"]), int(doc["max_new_tokens"]), str(doc.get("runtime", "auto")),
                     int(doc.get("threads", 0)), arms, tuple(doc["claims"]), doc)
@@ -209,6 +212,41 @@ def record(plan: Plan, rows: list[dict], runs, results_dir: Path) -> None:
     write_json(plan.path, doc, indent=1)
 
 
+# ---------------------------------------------------------------- training
+
+
+def training_jobs(plan: Plan) -> list[dict]:
+    """The plan's `training` block as jobs, one per head and seed: {arms, seed, out, argv} where argv is the
+    `specbench train` command line. Every job shares the block's corpus and `common` options (one data set,
+    one budget); `args` are a method's own (its learning rate, loss weights, variant)."""
+    tr = plan.doc.get("training")
+    if not tr:
+        raise UsageError(f"{plan.path} has no training block")
+    try:
+        jobs = []
+        for job in tr["jobs"]:
+            for seed in job["seeds"]:
+                out = str(job["out"]).format(seed=seed)
+                argv = ["train", "--method", job["method"], "--out", out, "--corpus", *tr["corpus"], *tr["common"],
+                        *job.get("args", []), "--seed", str(seed)]
+                jobs.append({"arms": list(job["arms"]), "seed": int(seed), "out": out, "argv": argv})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UsageError(f"{plan.path}: malformed training block ({type(e).__name__}: {e})") from None
+    unknown = sorted({a for j in jobs for a in j["arms"]} - set(plan.arms))
+    if unknown:
+        raise UsageError(f"{plan.path}: training names arm(s) {', '.join(unknown)} that the plan does not run")
+    return jobs
+
+
+def trained(out: str) -> bool:
+    """A finished checkpoint is at `out` (its manifest says training finished)."""
+    man = Path(out) / "MANIFEST.json"
+    try:
+        return bool(json.loads(man.read_text())["training"]["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -251,6 +289,24 @@ def cmd_fidelity(args) -> int:
                          only=lambda arm, ckpt, ds, t: arm.name in arms)
         print(f"{len(paths)} runs in {args.results}")
         return 0
+    if args.action == "train":
+        import shlex
+
+        from ..cli import main as cli_main
+
+        jobs = training_jobs(plan)
+        for job in jobs:
+            done = trained(job["out"])
+            print(("done " if done else "train ") + "specbench " + shlex.join(job["argv"]), flush=True)
+            if not done and not args.dry_run:
+                rc = cli_main(job["argv"])  # resumes a job interrupted earlier (the trainer's own state)
+                if rc:
+                    return rc
+        if not args.dry_run:
+            print("heads trained; their arms' checkpoints in the plan: "
+                  + "; ".join(f"{a}: {', '.join(j['out'] for j in jobs if a in j['arms'])}"
+                              for a in dict.fromkeys(a for j in jobs for a in j["arms"])))
+        return 0
     claims = study_claims(plan, args.claims)
     if args.results:
         from .compare import load_inputs
@@ -278,9 +334,9 @@ def cmd_fidelity(args) -> int:
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("fidelity", help="the fidelity study: run its plan (`run`) or judge the papers' claims on "
-                                        "its runs, with seed spreads (`table`)")
-    f.add_argument("action", choices=("run", "table"))
+    f = sub.add_parser("fidelity", help="the fidelity study: train its heads (`train`), run its plan (`run`), or "
+                                        "judge the papers' claims on its runs, with seed spreads (`table`)")
+    f.add_argument("action", choices=("train", "run", "table"))
     f.add_argument("--plan", default=str(DEFAULT_PLAN), help="the study's plan (default: %(default)s)")
     f.add_argument("--claims", default=str(DEFAULT_CLAIMS), help="the claims file (default: %(default)s)")
     f.add_argument("--results", help="the study's results directory (run: written; table: read; table without "
@@ -288,5 +344,6 @@ def add_parser(sub) -> None:
     f.add_argument("--arm", action="append", help="run only this arm (repeatable)")
     f.add_argument("--record", action="store_true", help="table: store the measured table in the plan file")
     f.add_argument("--plot", metavar="FILE.png", help="table: tau per arm per dataset with seed bars (matplotlib)")
+    f.add_argument("--dry-run", action="store_true", help="train: print the training commands, run none")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=cmd_fidelity)
