@@ -63,6 +63,8 @@ class Plan:
                         yield arm, ckpt, ds, t
 
     def out_name(self, arm: Arm, ckpt: str | None, dataset: str, temperature: float) -> str:
+        """`<arm>[-s<i>]-<dataset>-t<T>.json`, i the checkpoint's place in the arm's list (its training seed
+        is what the run records from the checkpoint's manifest)."""
         seed = f"-s{arm.checkpoints.index(ckpt)}" if ckpt is not None else ""
         return f"{arm.name.replace('[', '-').replace(']', '')}{seed}-{dataset}-t{temperature:g}.json"
 

@@ -153,7 +153,7 @@ def _verdict(holds: bool, interval: tuple[float, float] | None) -> str:
 def check_claims(runs: list[Run], claims: list[dict]) -> list[dict]:
     """Each claim on every pair of runs (same target, dataset and T) of its two methods.
 
-    A result holds the claim, the row (target, dataset, temperature), the labels and values of the
+    A result holds the claim, the row (target, dataset, temperature), the labels, runs and values of the
     pair, `checked` and, when checked, `holds` (the point values' order), `interval` (tau claims: the 95%
     paired-bootstrap interval of the difference, or None) and `verdict` (holds / violated / within noise);
     else `reason` (see the module's rule).
