@@ -101,7 +101,9 @@ def test_an_arm_must_be_what_its_checkpoint_trained(runner, tmp_path):
     plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": [head]},
                             "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, datasets=["mt_bench"])
     with pytest.raises(UsageError, match=r"trains arm eagle2\[official\], the plan runs it as eagle2"):
-        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False, only=lambda a, c, d, t: c is not None)
+        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False)
+    assert not (tmp_path / "res").exists()  # refused before anything ran
+    assert F._trained_arm("fspad", "fspad-wofs-smollm2-135m") == "fspad[wofs]"  # a committed head, by name
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -129,26 +129,38 @@ def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, 
 
     from .runner import RunConfig, Runner
 
+    cells = [c for c in plan.cells() if only is None or only(*c)]
+    for name, ckpt in dict.fromkeys((arm.name, ckpt) for arm, ckpt, _, _ in cells if ckpt is not None):
+        arm = plan.arms[name]
+        got = _trained_arm(arm.method, ckpt)  # before anything decodes: a wrong plan loses nothing
+        if got != arm.name:
+            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
+                             f"({plan.path})")
     if plan.threads:
         torch.set_num_threads(plan.threads)
     results_dir.mkdir(parents=True, exist_ok=True)
     runner = runner or Runner(plan.target, runtime=plan.runtime)
     paths = []
-    for arm, ckpt, ds, t in plan.cells():
-        if only is not None and not only(arm, ckpt, ds, t):
-            continue
+    for arm, ckpt, ds, t in cells:
         params = dict(arm.params, **({"checkpoint": ckpt} if ckpt is not None else {}))
         cfg = RunConfig(method=arm.method, dataset=ds, target=plan.target, params=params, limit=plan.limit,
                         temperature=t, max_new_tokens=plan.max_new_tokens, runtime=plan.runtime)
         out = results_dir / plan.out_name(arm, ckpt, ds, t)
-        doc = runner.run(cfg, out=out, progress=progress)
-        variant = (doc["config"].get("draft") or {}).get("variant")
-        got = f"{arm.method}[{variant}]" if variant else arm.method
-        if got != arm.name:
-            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
-                             f"({plan.path})")
+        runner.run(cfg, out=out, progress=progress)
         paths.append(out)
     return paths
+
+
+def _trained_arm(method: str, checkpoint: str) -> str:
+    """The arm a checkpoint (a directory, or a name under specbench/checkpoints/) was trained as."""
+    from ..methods.head_drafters import CHECKPOINTS_DIR
+    from ..models.draft_heads import checkpoint_provenance
+
+    d = Path(checkpoint).expanduser()
+    if not d.is_dir() and (CHECKPOINTS_DIR / checkpoint).is_dir():
+        d = CHECKPOINTS_DIR / checkpoint
+    variant = (checkpoint_provenance(d) or {}).get("variant")
+    return f"{method}[{variant}]" if variant else method
 
 
 def _side(arm: str, values: dict) -> dict:
