@@ -306,14 +306,15 @@ def cmd_fidelity(args) -> int:
     if args.action == "train":
         import shlex
 
-        from ..cli import main as cli_main
+        from ..methods import get_method
 
         jobs = training_jobs(plan)
         for job in jobs:
             done = trained(job["out"])
             print(("done " if done else "train ") + "specbench " + shlex.join(job["argv"]), flush=True)
             if not done and not args.dry_run:
-                rc = cli_main(job["argv"])  # resumes a job interrupted earlier (the trainer's own state)
+                # `specbench train --method M ARGS`: resumes a job interrupted earlier (the trainer's own state)
+                rc = get_method(job["argv"][2]).train(job["argv"][3:])
                 if rc:
                     return rc
         if not args.dry_run:

@@ -25,6 +25,18 @@ def _matplotlib():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out `fig`, write it to `path` atomically (the format by its suffix) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _alpha_curves(runs) -> dict[tuple, tuple[list[int], list[float], list[int]]]:
     """(label, T) -> (depths, pooled alpha_k, reached counts), pooled over datasets."""
     acc: dict[tuple, tuple[list[float], list[float]]] = {}
@@ -110,14 +122,7 @@ def plot_runs(runs, vanilla, path: Path) -> Path:
     fig.suptitle(f"specbench: {', '.join(targets)} on {hw}"
                  + (f", {env.get('threads')} threads" if env.get("threads") and not env.get("gpu") else ""),
                  fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_fidelity(taus: dict, arms: list[str], path: Path, title: str) -> Path:
@@ -148,11 +153,4 @@ def plot_fidelity(taus: dict, arms: list[str], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(plt, fig, path)
