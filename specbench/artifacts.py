@@ -106,6 +106,15 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 1) ->
 # ---------------------------------------------------------------- content hashes
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies below it, else as given: what a user would
+    type, and no machine's home directory in a file that is committed."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

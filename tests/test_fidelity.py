@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_runner_cli import ToyTokenizer
@@ -51,14 +52,14 @@ def _plan(tmp_path, arms: dict, **kw) -> F.Plan:
     return F.load_plan(p)
 
 
-def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_path, capsys):
-    heads = [_head(runner, tmp_path / f"head{s}", s) for s in (0, 1)]
+def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_path, capsys, monkeypatch):
+    heads = [_head(runner, tmp_path / f"head{s}", s) for s in (3, 7)]  # files are named by seed, not position
     plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": heads},
                             "pld": {"method": "pld", "params": {}}, "lookahead": {"method": "lookahead"}})
     res = tmp_path / "res"
     paths = F.run_plan(plan, res, runner=runner, progress=False)
     assert sorted(p.name for p in paths) == sorted(
-        [f"eagle2-s{s}-{d}-t0.json" for s in (0, 1) for d in ("mt_bench", "humaneval")]
+        [f"eagle2-s{s}-{d}-t0.json" for s in (3, 7) for d in ("mt_bench", "humaneval")]
         + [f"{m}-{d}-t0.json" for m in ("pld", "lookahead") for d in ("mt_bench", "humaneval")])
     runs = [r for r in C.load_inputs([str(res)]) if r.method != "vanilla"]
     claims = F.study_claims(plan, tmp_path / "claims.json")
@@ -70,7 +71,7 @@ def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_
         mine = [x for x in runs if x.dataset == r["dataset"]]
         taus = {str(x.draft_seed): x.value("tau") for x in mine if x.method == "eagle2"}
         assert r["better"]["tau"] == taus and r["better"]["min"] == min(taus.values())
-        assert [p["seeds"] for p in r["pairs"]] == [[0, None], [1, None]]
+        assert [p["seeds"] for p in r["pairs"]] == [[3, None], [7, None]]
         assert r["verdict"] in ("holds", "violated", "within noise")
     # the command: measured and recorded, then printed from the record
     rc = cli.main(["fidelity", "table", "--plan", str(plan.path), "--claims", str(tmp_path / "claims.json"),
@@ -79,6 +80,11 @@ def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_
     assert rc == 0 and "recorded 4 rows" in measured
     table = json.loads(plan.path.read_text())["table"]
     assert table["runs"] == len(paths) == 8 and json.loads(json.dumps(rows)) == table["rows"]
+    assert table["results"] == str(res)  # outside the working directory: as given
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fidelity", "table", "--plan", str(plan.path), "--claims", str(tmp_path / "claims.json"),
+                     "--results", str(res), "--record"]) == 0 and capsys.readouterr().out == measured
+    assert json.loads(plan.path.read_text())["table"]["results"] == "res"  # below it: relative, no home dirs
     rc = cli.main(["fidelity", "table", "--plan", str(plan.path), "--claims", str(tmp_path / "claims.json")])
     assert rc == 0 and capsys.readouterr().out.strip() == measured.split("\n", 1)[1].strip()
     # resuming finds every run complete and leaves them as they are
@@ -104,6 +110,23 @@ def test_an_arm_must_be_what_its_checkpoint_trained(runner, tmp_path):
         F.run_plan(plan, tmp_path / "res", runner=runner, progress=False)
     assert not (tmp_path / "res").exists()  # refused before anything ran
     assert F._trained_arm("fspad", "fspad-wofs-smollm2-135m") == "fspad[wofs]"  # a committed head, by name
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"seed": 0}, "both trained with seed 0"),
+    ({"data": {"source_id": "y"}}, "differ in data"),
+    ({"training": {"seed": 1, "epochs": 3, "max_steps": None}}, "differ in epochs"),
+    ({"seed": None, "training": {"epochs": 1}}, "does not record a training seed"),
+])
+def test_an_arms_checkpoints_must_be_seeds_of_one_budget(runner, tmp_path, edit, message):
+    a, b = _head(runner, tmp_path / "h0", 0), _head(runner, tmp_path / "h1", 1)
+    man = Path(b) / "MANIFEST.json"
+    man.write_text(json.dumps(json.loads(man.read_text()) | edit))
+    plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": [a, b]},
+                            "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, datasets=["mt_bench"])
+    with pytest.raises(UsageError, match=message):
+        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False)
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.parametrize("edit,message", [

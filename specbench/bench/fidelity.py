@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import write_json
+from ..artifacts import display_path, write_json
 from ..errors import UsageError
 from .baselines import DEFAULT_ROOT
 
@@ -62,11 +62,11 @@ class Plan:
                     for t in self.temperatures:
                         yield arm, ckpt, ds, t
 
-    def out_name(self, arm: Arm, ckpt: str | None, dataset: str, temperature: float) -> str:
-        """`<arm>[-s<i>]-<dataset>-t<T>.json`, i the checkpoint's place in the arm's list (its training seed
-        is what the run records from the checkpoint's manifest)."""
-        seed = f"-s{arm.checkpoints.index(ckpt)}" if ckpt is not None else ""
-        return f"{arm.name.replace('[', '-').replace(']', '')}{seed}-{dataset}-t{temperature:g}.json"
+    def out_name(self, arm: Arm, seed: int | None, dataset: str, temperature: float) -> str:
+        """`<arm>[-s<seed>]-<dataset>-t<T>.json`, seed the training seed of the run's checkpoint (from its
+        manifest; `checkpoint_seeds`), absent for a training-free arm."""
+        tag = f"-s{seed}" if seed is not None else ""
+        return f"{arm.name.replace('[', '-').replace(']', '')}{tag}-{dataset}-t{temperature:g}.json"
 
 
 def load_plan(path: str | Path = DEFAULT_PLAN) -> Plan:
@@ -130,12 +130,7 @@ def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, 
     from .runner import RunConfig, Runner
 
     cells = [c for c in plan.cells() if only is None or only(*c)]
-    for name, ckpt in dict.fromkeys((arm.name, ckpt) for arm, ckpt, _, _ in cells if ckpt is not None):
-        arm = plan.arms[name]
-        got = _trained_arm(arm.method, ckpt)  # before anything decodes: a wrong plan loses nothing
-        if got != arm.name:
-            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
-                             f"({plan.path})")
+    seeds = checkpoint_seeds(plan, {(arm.name, ckpt) for arm, ckpt, _, _ in cells if ckpt is not None})
     if plan.threads:
         torch.set_num_threads(plan.threads)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -145,22 +140,57 @@ def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, 
         params = dict(arm.params, **({"checkpoint": ckpt} if ckpt is not None else {}))
         cfg = RunConfig(method=arm.method, dataset=ds, target=plan.target, params=params, limit=plan.limit,
                         temperature=t, max_new_tokens=plan.max_new_tokens, runtime=plan.runtime)
-        out = results_dir / plan.out_name(arm, ckpt, ds, t)
+        out = results_dir / plan.out_name(arm, seeds.get((arm.name, ckpt)), ds, t)
         runner.run(cfg, out=out, progress=progress)
         paths.append(out)
     return paths
 
 
-def _trained_arm(method: str, checkpoint: str) -> str:
-    """The arm a checkpoint (a directory, or a name under specbench/checkpoints/) was trained as."""
+def _provenance(checkpoint: str) -> dict:
+    """How a checkpoint (a directory, or a name under specbench/checkpoints/) was trained ({} if unrecorded)."""
     from ..methods.head_drafters import CHECKPOINTS_DIR
     from ..models.draft_heads import checkpoint_provenance
 
     d = Path(checkpoint).expanduser()
     if not d.is_dir() and (CHECKPOINTS_DIR / checkpoint).is_dir():
         d = CHECKPOINTS_DIR / checkpoint
-    variant = (checkpoint_provenance(d) or {}).get("variant")
+    return checkpoint_provenance(d) or {}
+
+
+def _trained_arm(method: str, checkpoint: str) -> str:
+    """The arm a checkpoint was trained as: `method`, or `method[variant]`."""
+    variant = _provenance(checkpoint).get("variant")
     return f"{method}[{variant}]" if variant else method
+
+
+def checkpoint_seeds(plan: Plan, pairs) -> dict:
+    """(arm name, checkpoint) -> training seed, for every pair, read from the checkpoints' manifests before
+    anything decodes, so a wrong plan loses nothing. Refused: a checkpoint trained as another arm; one whose
+    manifest has no seed; two checkpoints of an arm with one seed, or trained on other data or for other
+    epochs (their spread would not be a seed spread)."""
+    seeds: dict = {}
+    by_arm: dict = {}
+    for name, ckpt in sorted(pairs):
+        arm = plan.arms[name]
+        prov = _provenance(ckpt)
+        got = _trained_arm(arm.method, ckpt)
+        if got != arm.name:
+            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
+                             f"({plan.path})")
+        if prov.get("seed") is None:
+            raise UsageError(f"{ckpt}: its manifest does not record a training seed, so its runs cannot be told "
+                             f"apart from the other seeds of arm {name}; retrain it or fix the plan ({plan.path})")
+        for other, oprov in by_arm.get(name, []):
+            if oprov["seed"] == prov["seed"]:
+                raise UsageError(f"{plan.path}: arm {name} lists {other} and {ckpt}, both trained with seed "
+                                 f"{prov['seed']}; a seed spread needs one checkpoint per seed")
+            differs = [k for k in ("data", "epochs", "max_steps") if oprov.get(k) != prov.get(k)]
+            if differs:
+                raise UsageError(f"{plan.path}: arm {name} lists {other} and {ckpt}, which differ in "
+                                 f"{', '.join(differs)}; an arm's seeds share one data set and budget")
+        by_arm.setdefault(name, []).append((ckpt, prov))
+        seeds[(name, ckpt)] = int(prov["seed"])
+    return seeds
 
 
 def _side(arm: str, values: dict) -> dict:
@@ -220,7 +250,7 @@ def record(plan: Plan, rows: list[dict], runs, results_dir: Path) -> None:
                        for r in runs})
     doc = dict(plan.doc)
     doc["table"] = {"recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "results": str(results_dir), "runs": len(runs),
+                    "results": display_path(results_dir), "runs": len(runs),
                     "machines": [dict(zip(("machine", "cpu_isa", "threads", "runtime"), m)) for m in machines],
                     "specbench_commits": sorted({str(r.env.get("git_commit")) for r in runs}), "rows": rows}
     write_json(plan.path, doc, indent=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...artifacts import display_path
 from ..baselines import DEFAULT_ROOT, BaselineRow, load_baselines, load_file
 from .common import (
     CLAIMS_KIND,
@@ -105,14 +106,6 @@ def load_reference_file(path: Path) -> dict:
     return data
 
 
-def _display(p: Path) -> str:
-    """A path relative to the working directory when it lies below it (shorter table notes)."""
-    try:
-        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
-
-
 def load_claims(path: Path) -> list[dict]:
     """The ordering claims of a `specbench.claims` file (baselines/embedded/claims.json)."""
     data = read_json(Path(path))
@@ -144,7 +137,7 @@ def embedded_references(root: Path = EMBEDDED_DIR) -> tuple[list[dict], list[dic
             kind = data.get("kind") if isinstance(data, dict) else None
             if kind == REFERENCE_KIND:
                 doc = load_reference_file(p)
-                doc["_path"] = _display(p)
+                doc["_path"] = display_path(p)
                 refs.append(doc)
             elif kind == CLAIMS_KIND:
                 claims += load_claims(p)
