@@ -907,6 +907,38 @@ def test_seed_replicas_of_an_arm_join_into_one_verdict(tmp_path, capsys):
     assert [len(g["pairs"]) for g in C.seed_spread(results)] == [2]
 
 
+def test_arms_on_one_head_pair_head_by_head_and_a_duplicate_seed_is_no_verdict(tmp_path, capsys):
+    """EAGLE-2 and EAGLE drafting with the same two heads: the claim is about the tree, so each head is
+    paired with itself (head 1 is much better than head 0, and the cross pair eagle2-head0 vs eagle-head1
+    would say violated). Two runs of one arm and seed would replace each other's value: no verdict."""
+    from specbench.methods import available_methods
+
+    e2, e1 = (available_methods()[m].defaults for m in ("eagle2", "eagle"))
+    claim = {"id": "t", "text": "the dynamic tree beats the static", "better": "eagle2", "worse": "eagle",
+             "metric": "tau"}
+    d = tmp_path / "heads"
+    d.mkdir()
+    for seed, (s2, s1) in enumerate(((3, 2), (6, 4))):
+        for m, params, step in (("eagle2", e2, s2), ("eagle", e1, s1)):
+            doc = _seeded(m, params, step, seed)
+            doc["config"]["draft_checkpoint_sha256"] = f"head{seed}"
+            write(d / f"{m}{seed}.json", doc)
+    results = C.check_claims(C.load_inputs([str(d)]), [claim])
+    assert sorted(cr["verdict"] for cr in results) == ["holds", "holds", "holds", "violated"]  # all four pairs
+    [group] = C.seed_spread(results)
+    assert group["verdict"] == "holds" and len(group["pairs"]) == 2 and group["problem"] is None
+    assert {(cr["runs"][0].draft_seed, cr["runs"][1].draft_seed) for cr in group["pairs"]} == {(0, 0), (1, 1)}
+    # a second run of eagle2 with a seed-0 head (a copy elsewhere, another value)
+    doc = _seeded("eagle2", e2, 4, 0)
+    doc["config"]["draft_checkpoint_sha256"] = "head0"
+    doc["config"]["params"]["checkpoint"] = "/elsewhere/eagle-s0"
+    write(d / "eagle2-again.json", doc)
+    [group] = C.seed_spread(C.check_claims(C.load_inputs([str(d)]), [claim]))
+    assert group["verdict"] is None and "two runs of eagle2 with draft seed 0" in group["problem"]
+    rc, out, err = run_cli([str(d), "--baseline", str(_claims_file(tmp_path, [claim]))], capsys)
+    assert "not judged on" in out and "two runs of eagle2 with draft seed 0" in out, out + err
+
+
 def _claims_file(tmp_path, claims: list[dict]) -> Path:
     p = tmp_path / "claims.json"
     p.write_text(json.dumps({"kind": "specbench.claims", "schema_version": 1, "claims": claims}))

@@ -31,7 +31,9 @@ only. Other metrics, and runs that do not record their samples, are judged on th
 Seeds. Claims name a method's arms (`Run.arm`: `fspad`, `fspad[wofs]`, ...); runs of one arm whose
 draft checkpoints were trained with other seeds are its seed replicas. `seed_spread` joins the pairs of
 one claim and row that differ only in those seeds: each arm's value per seed, and one verdict that
-holds (or is violated) only when it does on every pair of seeds, else "within noise".
+holds (or is violated) only when it does on every pair of seeds, else "within noise". Arms that draft
+with the same checkpoints (EAGLE-2 against EAGLE on one head) are paired head by head, and two runs of one
+arm and seed in a group give no verdict.
 """
 
 from __future__ import annotations
@@ -198,7 +200,12 @@ def seed_spread(results: list[dict]) -> list[dict]:
     """The checked results of `check_claims` joined over draft seeds: one entry per claim, row and pair of
     arm settings, with `pairs` (the results joined), `better` / `worse` ({draft seed: value}; seed None for
     a run without a recorded seed or checkpoint), `verdict` (holds / violated on every pair, else within
-    noise) and `seeds_disagree` (some pair holds and another is violated)."""
+    noise), `seeds_disagree` (some pair holds and another is violated) and `problem` (None, or why the
+    group has no verdict: two runs of one arm and seed, whose values would silently replace each other).
+
+    Two arms drafting with the same checkpoints (EAGLE-2 and EAGLE on one head: a claim about the tree,
+    not the head) are paired head by head: pairs of different heads would add the heads' seed variance to
+    a comparison that has none."""
     groups: dict[tuple, list[dict]] = {}
     for cr in results:
         if not cr["checked"]:
@@ -209,12 +216,24 @@ def seed_spread(results: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(cr)
     out = []
     for pairs in groups.values():
+        if any(cr["runs"][0].draft_sha and cr["runs"][0].draft_sha == cr["runs"][1].draft_sha for cr in pairs):
+            pairs = [cr for cr in pairs if cr["runs"][0].draft_sha == cr["runs"][1].draft_sha]
+        problem = None
+        for side in (0, 1):
+            runs = {id(cr["runs"][side]): cr["runs"][side] for cr in pairs}.values()
+            seen: dict = {}
+            for r in runs:
+                if r.draft_seed in seen:
+                    problem = (f"two runs of {r.arm} with draft seed {r.draft_seed} ({seen[r.draft_seed]}, {r.source})"
+                               "; keep one")
+                seen[r.draft_seed] = r.source
         verdicts = {cr["verdict"] for cr in pairs}
-        verdict = next(iter(verdicts)) if len(verdicts) == 1 else "within noise"
+        verdict = None if problem else next(iter(verdicts)) if len(verdicts) == 1 else "within noise"
         first = pairs[0]
         out.append({"claim": first["claim"], "target": first["target"], "dataset": first["dataset"],
                     "temperature": first["temperature"], "pairs": pairs,
                     "better": {cr["runs"][0].draft_seed: cr["better"] for cr in pairs},
                     "worse": {cr["runs"][1].draft_seed: cr["worse"] for cr in pairs},
-                    "verdict": verdict, "seeds_disagree": {"holds", "violated"} <= verdicts})
+                    "verdict": verdict, "seeds_disagree": not problem and {"holds", "violated"} <= verdicts,
+                    "problem": problem})
     return out

@@ -194,6 +194,9 @@ def _claim_lines(claim_results: list[dict], several_targets: bool) -> list[str]:
                     for side in ("better", "worse")]
             seeds = ["/".join(str(s) for s in sorted(group[side], key=str)) for side in ("better", "worse")]
             row = _where(cl, cr, several_targets, arms)
+            if group["problem"]:
+                out.append(f"    not judged on {row}: {group['problem']}")
+                continue
             how = ("; the seeds disagree" if group["seeds_disagree"] else "" if group["verdict"] == "within noise"
                    else f"; {group['verdict']} on all {len(group['pairs'])} pairs of seeds")
             out.append(f"    {verdict} on {row}: {vals[0]} (seeds {seeds[0]}) vs {vals[1]} (seeds {seeds[1]}){how}")

@@ -42,6 +42,7 @@ class Run:
     per_sample: dict | None = None
     # how the run's draft checkpoint was trained (seed, variant, data, epochs), when its manifest says
     draft: dict | None = None
+    draft_sha: str | None = None  # sha256 of the draft checkpoint's weights (None: no checkpoint, or older file)
 
     @property
     def arm(self) -> str:
@@ -173,6 +174,7 @@ def run_from_document(doc: dict, source: str) -> Run:
         label=method, extra=dict(doc.get("compare_extra") or {}), runtime=str(cfg.get("runtime") or "hf"),
         per_sample=_per_sample(doc.get("samples"), method),
         draft=cfg["draft"] if isinstance(cfg.get("draft"), dict) else None,
+        draft_sha=str(cfg["draft_checkpoint_sha256"]) if cfg.get("draft_checkpoint_sha256") else None,
     )
 
 
