@@ -157,6 +157,54 @@ def test_loss_has_every_forward_and_the_topk_term(target):
     assert head.fc.weight.grad is not None and head.fc.weight.grad.abs().sum() > 0
 
 
+def _recomputing_forwards(task, head, batch):
+    """Forward n as the official code runs it: every one of the n sets through the layer, the last kept."""
+    ids, pos, pad = batch["input_ids"], batch["position_ids"], batch["attention_mask"].bool()
+    T = ids.shape[1]
+    sets, preds = [batch["features"]], []
+    for n in range(1, task.opts.forward_num_total + 1):
+        if n == 1:
+            pred = head(ids, sets[0], pos, attention_mask=batch["attention_mask"])
+        else:
+            allowed = H.alignment_mask(T, n)[None] & pad.repeat(1, n)[:, None, :]
+            pred = head(ids.repeat(1, n), torch.cat(sets, 1), pos.repeat(1, n), attention_mask=allowed[:, None])[:, -T:]
+        preds.append(pred)
+        sets.append(torch.cat([sets[-1][:, :1], head.next_features(pred)[:, :-1]], 1).detach())
+    return preds
+
+
+@pytest.mark.parametrize("mask_mode", ["additive", "official"])
+def test_cached_forwards_equal_recomputing_every_set(target, mask_mode):
+    """Forward n runs only its last set, against the earlier forwards' keys and values: the same predictions
+    and the same gradients as recomputing all n sets, on a padded batch, in both masking modes."""
+    from specbench.training.tasks import shift_batch
+
+    task = H.HassTask(H.HassOptions(embed_init_scale=1.0, noise="none", mask_mode=mask_mode))
+    head = task.make_head(target.model, seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    with torch.no_grad():
+        hidden = target.model.get_decoder()(ids).last_hidden_state
+    rows = [{"input_ids": ids[0], "loss_mask": torch.ones(12), "hidden": hidden[0]},
+            {"input_ids": ids[1, :7], "loss_mask": torch.ones(7), "hidden": hidden[1, :7]}]  # padded
+    batch = shift_batch(rows)
+    assert not batch["attention_mask"].bool().all()
+    grads = []
+    for forwards in (task.forwards, lambda h, b: _recomputing_forwards(task, h, b)):
+        head.zero_grad()
+        preds = forwards(head, batch)
+        keep = batch["attention_mask"].bool()[..., None]
+        sum((p * keep).pow(2).sum() * (n + 1) for n, p in enumerate(preds)).backward()
+        grads.append(([p.detach() * keep for p in preds], {k: v.grad.clone() for k, v in head.named_parameters()
+                                                          if v.grad is not None}))
+    (pa, ga), (pb, gb) = grads
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-4, rtol=1e-4)
+
+
 def test_two_phases_and_the_options():
     from specbench.training.pipeline import parser
     from specbench.training.tasks import options_from_args

@@ -112,22 +112,30 @@ class HassTask(EagleTask):
         return head
 
     def forwards(self, head, batch) -> list[torch.Tensor]:
-        """The J forwards' predicted features (B, T, H) each, forward n from the detached sets of the ones before."""
+        """The J forwards' predicted features (B, T, H) each, forward n from the detached sets of the ones before.
+
+        Forward n attends over the sets [T, D1, ..., D(n-1)], but only its last set's rows are used, and the
+        head is one layer: the keys and values of the earlier sets are exactly those forwards 1..n-1 computed
+        for their own last set (same tokens, positions, inputs and weights). So each forward runs its last
+        set alone against a KV cache of the earlier ones, n times fewer rows than recomputing all the sets as
+        the official code does; the outputs, the loss and (gradients summing over a shared tensor's uses) the
+        gradients are the same."""
+        from transformers import DynamicCache
+
         ids, pos, pad = batch["input_ids"], batch["position_ids"], batch["attention_mask"].bool()
-        B, T = ids.shape
-        sets = [batch["features"]]
+        T = ids.shape[1]
+        cache = DynamicCache()
+        feats = batch["features"]
         preds = []
         for n in range(1, self.opts.forward_num_total + 1):
             if n == 1:
-                pred = head(ids, sets[0], pos, attention_mask=batch["attention_mask"])
-            else:
-                allowed = alignment_mask(T, n).to(ids.device)[None] & pad.repeat(1, n)[:, None, :]
-                out = head(ids.repeat(1, n), torch.cat(sets, 1), pos.repeat(1, n), attention_mask=allowed[:, None])
-                pred = out[:, -T:]
+                pred = head(ids, feats, pos, attention_mask=batch["attention_mask"], past_key_values=cache)
+            else:  # the last set's rows of the alignment mask, over the n sets' keys
+                allowed = alignment_mask(T, n)[-T:].to(ids.device)[None] & pad.repeat(1, n)[:, None, :]
+                pred = head(ids, feats, pos, attention_mask=allowed[:, None], past_key_values=cache)
             preds.append(pred)
             fed = getattr(head, "module", head).next_features(pred)  # what decoding feeds depth n + 1
-            shifted = torch.cat([sets[-1][:, :1], fed[:, :-1]], 1).detach()
-            sets.append(shifted)
+            feats = torch.cat([feats[:, :1], fed[:, :-1]], 1).detach()
         return preds
 
     def loss(self, head, batch):
