@@ -91,6 +91,12 @@ def test_the_study_runs_every_cell_and_judges_its_claims_over_seeds(runner, tmp_
     before = {p.name: p.read_bytes() for p in res.iterdir()}
     F.run_plan(plan, res, runner=runner, progress=False)
     assert {p.name: p.read_bytes() for p in res.iterdir()} == before
+    # a seed's run missing (an interrupted study): its rows keep their values but have no verdict
+    (res / "eagle2-s7-humaneval-t0.json").unlink()
+    rows = F.measure(plan, [r for r in C.load_inputs([str(res)]) if r.method != "vanilla"], claims)
+    assert [r["verdict"] == "incomplete" for r in rows] == [False, True, False, False]
+    assert rows[1]["reason"] == "eagle2 has 1 of its 2 seeds" and rows[1]["better"]["tau"].keys() == {"3"}
+    assert "incomplete: eagle2 has 1 of its 2 seeds" in F.table_lines(rows, claims)
 
 
 def test_a_plot_shows_every_arm(runner, tmp_path):
@@ -112,11 +118,43 @@ def test_an_arm_must_be_what_its_checkpoint_trained(runner, tmp_path):
     assert F._trained_arm("fspad", "fspad-wofs-smollm2-135m") == "fspad[wofs]"  # a committed head, by name
 
 
+def test_the_committed_plans_checkpoints_pass_the_checks():
+    """Every checkpoint the committed plan runs resolves, is its arm's, and its claims' arms are alike (the
+    untrained prefix draft `prefix:3` included: no manifest, alone in its arm, no seed)."""
+    plan = F.load_plan()
+    pairs = {(a.name, c) for a, c, _, _ in plan.cells() if c is not None}
+    seeds = F.checkpoint_seeds(plan, pairs, F.study_claims(plan))
+    assert set(seeds) == pairs and seeds[("sps", "prefix:3")] is None
+
+
+def test_a_missing_checkpoint_or_unlike_claim_arms_are_refused_before_decoding(runner, tmp_path):
+    a = _head(runner, tmp_path / "h0", 0)
+    arms = {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": [a, str(tmp_path / "nowhere")]},
+            "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}
+    plan = _plan(tmp_path, arms, datasets=["mt_bench"])
+    with pytest.raises(UsageError, match="nowhere: no such checkpoint"):
+        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False)
+    b = _head(runner, tmp_path / "h1", 1)
+    man = Path(b) / "MANIFEST.json"
+    man.write_text(json.dumps(json.loads(man.read_text()) | {"method": "hass"}))
+    arms = {"eagle2": {"method": "eagle2", "params": {}, "checkpoints": [a]},
+            "hass": {"method": "hass", "params": {}, "checkpoints": [b]}, "pld": {"method": "pld"}}
+    plan = _plan(tmp_path, arms, datasets=["mt_bench"], claims=[])
+    claim = {"id": "h", "better": "hass", "worse": "eagle2"}
+    F.checkpoint_seeds(plan, {("eagle2", a), ("hass", b)}, [claim])  # alike: passes
+    man.write_text(json.dumps(json.loads(man.read_text()) | {"training": {"seed": 1, "epochs": 3}}))
+    with pytest.raises(UsageError, match="claim h: .* were trained with other epochs"):
+        F.run_plan(plan, tmp_path / "res", runner=runner, progress=False, claims=[claim])
+    assert not (tmp_path / "res").exists()
+
+
 @pytest.mark.parametrize("edit,message", [
     ({"seed": 0}, "both trained with seed 0"),
     ({"data": {"source_id": "y"}}, "differ in data"),
     ({"training": {"seed": 1, "epochs": 3, "max_steps": None}}, "differ in epochs"),
     ({"seed": None, "training": {"epochs": 1}}, "does not record a training seed"),
+    ({"training": {"seed": 1, "epochs": 1, "max_steps": None, "lr": 0.1}}, "differ in recipe"),
+    ({"method": "hass"}, "trained for hass, the plan runs it as arm eagle2"),
 ])
 def test_an_arms_checkpoints_must_be_seeds_of_one_budget(runner, tmp_path, edit, message):
     a, b = _head(runner, tmp_path / "h0", 0), _head(runner, tmp_path / "h1", 1)
@@ -172,6 +210,13 @@ def test_the_committed_training_jobs_parse_and_share_one_corpus_and_budget(capsy
         assert argv[argv.index("--corpus") + 1:argv.index("--corpus") + 3] == plan.doc["training"]["corpus"]
     epochs = {j["argv"][j["argv"].index("--epochs") + 1] for j in jobs}
     assert epochs == {"1"}
+    for family in (("eagle", "hass", "fspad"), ("kld", "tvd", "tvdpp")):  # one budget per family: all but the arm
+        recipes = set()
+        for job in (j for j in plan.doc["training"]["jobs"] if j["method"] in family):
+            args = job["args"]
+            cut = {i for i, a in enumerate(args) if a in ("--variant", "--mask-mode")}
+            recipes.add(tuple(a for i, a in enumerate(args) if i not in cut and i - 1 not in cut))
+        assert len(recipes) == 1, (family, recipes)
     assert {j["seed"] for j in jobs if "hass" in j["arms"]} == {0, 1}
     assert not [c for c in plan.cells() if c[0].name == "hass[official]"]  # no checkpoint listed yet
 
@@ -181,8 +226,8 @@ def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
     done.mkdir()
     (done / "MANIFEST.json").write_text(json.dumps({"training": {"finished": True}}))
     training = {"corpus": ["c1"], "common": ["--max-tokens", "64"],
-                "jobs": [{"arms": ["pld"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}")}]}
-    plan = _plan(tmp_path, {"pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, training=training)
+                "jobs": [{"arms": ["eagle2"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}")}]}
+    plan = _plan(tmp_path, {"eagle2": {"method": "eagle2"}, "fspad[wofs]": {"method": "fspad"}}, training=training)
     assert cli.main(["fidelity", "train", "--plan", str(plan.path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("done specbench train --method eagle --out " + str(done))
@@ -191,5 +236,10 @@ def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
                                                                                       "seeds": [0], "out": "o"}]))
     with pytest.raises(UsageError, match="training names arm.s. x that the plan does not run"):
         F.training_jobs(bad)
+    for job in ({"arms": ["fspad[wofs]"], "method": "fspad", "args": ["--variant", "mlplin"]},
+                {"arms": ["fspad[wofs]"], "method": "fspad"}, {"arms": ["eagle2"], "method": "hass"}):
+        with pytest.raises(UsageError, match=r"does not train arm (fspad\[wofs\]|eagle2)"):
+            F.training_jobs(F.Plan(**{**plan.__dict__, "doc": dict(plan.doc, training=dict(
+                training, jobs=[dict(job, seeds=[0], out="o")]))}))
     with pytest.raises(UsageError, match="malformed training block"):
         F.training_jobs(_plan(tmp_path, {"pld": {"method": "pld"}}, training={"jobs": [{}]}))

@@ -122,15 +122,16 @@ def study_claims(plan: Plan, claims_path: str | Path = DEFAULT_CLAIMS) -> list[d
     return out
 
 
-def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, only=None) -> list[Path]:
+def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, only=None,
+             claims: list[dict] | None = None) -> list[Path]:
     """Run (or resume) every cell of the plan into `results_dir`; `only(arm, ckpt, dataset, T)` picks a
-    subset. A run whose draft checkpoint trains another arm than the plan names is refused."""
+    subset. The checkpoints are checked first (`checkpoint_seeds`, with `claims` the study's claims)."""
     import torch
 
     from .runner import RunConfig, Runner
 
     cells = [c for c in plan.cells() if only is None or only(*c)]
-    seeds = checkpoint_seeds(plan, {(arm.name, ckpt) for arm, ckpt, _, _ in cells if ckpt is not None})
+    seeds = checkpoint_seeds(plan, {(arm.name, ckpt) for arm, ckpt, _, _ in cells if ckpt is not None}, claims)
     if plan.threads:
         torch.set_num_threads(plan.threads)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -146,15 +147,22 @@ def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, 
     return paths
 
 
-def _provenance(checkpoint: str) -> dict:
-    """How a checkpoint (a directory, or a name under specbench/checkpoints/) was trained ({} if unrecorded)."""
+def _checkpoint_dir(checkpoint: str) -> Path | None:
+    """A checkpoint's directory: the path as given, else a name under specbench/checkpoints/; None if neither."""
     from ..methods.head_drafters import CHECKPOINTS_DIR
+
+    for d in (Path(checkpoint).expanduser(), CHECKPOINTS_DIR / checkpoint):
+        if d.is_dir():
+            return d
+    return None
+
+
+def _provenance(checkpoint: str) -> dict:
+    """How a checkpoint was trained, from its manifest ({} if it has none, or is no directory)."""
     from ..models.draft_heads import checkpoint_provenance
 
-    d = Path(checkpoint).expanduser()
-    if not d.is_dir() and (CHECKPOINTS_DIR / checkpoint).is_dir():
-        d = CHECKPOINTS_DIR / checkpoint
-    return checkpoint_provenance(d) or {}
+    d = _checkpoint_dir(checkpoint)
+    return (checkpoint_provenance(d) or {}) if d is not None else {}
 
 
 def _trained_arm(method: str, checkpoint: str) -> str:
@@ -163,33 +171,61 @@ def _trained_arm(method: str, checkpoint: str) -> str:
     return f"{method}[{variant}]" if variant else method
 
 
-def checkpoint_seeds(plan: Plan, pairs) -> dict:
-    """(arm name, checkpoint) -> training seed, for every pair, read from the checkpoints' manifests before
-    anything decodes, so a wrong plan loses nothing. Refused: a checkpoint trained as another arm; one whose
-    manifest has no seed; two checkpoints of an arm with one seed, or trained on other data or for other
-    epochs (their spread would not be a seed spread)."""
+def _check_checkpoint(plan: Plan, arm: Arm, ckpt: str) -> dict:
+    """`ckpt`'s provenance, refused with what to do when it cannot be one of `arm`'s seeds."""
+    d = _checkpoint_dir(ckpt)
+    several = len(arm.checkpoints) > 1
+    if d is None and ":" not in ckpt:  # "kind:arg" (sps's prefix:K) is a draft built at run time, no directory
+        raise UsageError(f"{ckpt}: no such checkpoint (looked for {Path(ckpt).expanduser().resolve()} and under "
+                         f"specbench/checkpoints/); train it (specbench fidelity train) or fix arm {arm.name} of "
+                         f"{plan.path}")
+    prov = _provenance(ckpt)
+    if several and not prov:
+        raise UsageError(f"{ckpt}: {'no MANIFEST.json' if d is not None else 'not a trained checkpoint'}, so it has "
+                         f"no training seed; arm {arm.name} lists {len(arm.checkpoints)} checkpoints, one per seed")
+    if several and prov.get("seed") is None:
+        raise UsageError(f"{ckpt}: its manifest does not record a training seed; arm {arm.name} lists "
+                         f"{len(arm.checkpoints)} checkpoints, one per seed; retrain it or fix {plan.path}")
+    if prov.get("method") and prov["method"] not in _family(arm.method):
+        raise UsageError(f"{ckpt}: its manifest says it was trained for {prov['method']}, the plan runs it as "
+                         f"arm {arm.name}; fix the plan ({plan.path})")
+    got = _trained_arm(arm.method, ckpt)
+    if got != arm.name:
+        raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
+                         f"({plan.path})")
+    return prov
+
+
+def checkpoint_seeds(plan: Plan, pairs, claims: list[dict] | None = None) -> dict:
+    """(arm name, checkpoint) -> training seed (None: a checkpoint without one, alone in its arm), read from
+    the manifests before anything decodes, so a wrong plan loses nothing. Refused: a checkpoint that is not
+    there, or was trained for another method or arm; in an arm of several checkpoints, one without a recorded
+    seed, two with one seed, or two trained on other data, budget or recipe (their spread would not be a seed
+    spread); and, for each of `claims`, arms whose heads were trained on other data or for other epochs
+    (every row of the claim would be "not measured", after hours of decoding)."""
     seeds: dict = {}
-    by_arm: dict = {}
+    provs: dict = {}
     for name, ckpt in sorted(pairs):
         arm = plan.arms[name]
-        prov = _provenance(ckpt)
-        got = _trained_arm(arm.method, ckpt)
-        if got != arm.name:
-            raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
-                             f"({plan.path})")
-        if prov.get("seed") is None:
-            raise UsageError(f"{ckpt}: its manifest does not record a training seed, so its runs cannot be told "
-                             f"apart from the other seeds of arm {name}; retrain it or fix the plan ({plan.path})")
-        for other, oprov in by_arm.get(name, []):
+        prov = _check_checkpoint(plan, arm, ckpt)
+        for other, oprov in provs.get(name, []):
             if oprov["seed"] == prov["seed"]:
                 raise UsageError(f"{plan.path}: arm {name} lists {other} and {ckpt}, both trained with seed "
                                  f"{prov['seed']}; a seed spread needs one checkpoint per seed")
-            differs = [k for k in ("data", "epochs", "max_steps") if oprov.get(k) != prov.get(k)]
+            differs = [k for k in ("data", "epochs", "max_steps", "recipe") if oprov.get(k) != prov.get(k)]
             if differs:
                 raise UsageError(f"{plan.path}: arm {name} lists {other} and {ckpt}, which differ in "
-                                 f"{', '.join(differs)}; an arm's seeds share one data set and budget")
-        by_arm.setdefault(name, []).append((ckpt, prov))
-        seeds[(name, ckpt)] = int(prov["seed"])
+                                 f"{', '.join(differs)}; an arm's seeds share one data set, budget and recipe")
+        provs.setdefault(name, []).append((ckpt, prov))
+        seeds[(name, ckpt)] = None if prov.get("seed") is None else int(prov["seed"])
+    for cl in claims or ():
+        sides = [[(c, p) for c, p in provs.get(cl[s], []) if p.get("data")] for s in ("better", "worse")]
+        for (ca, pa), (cb, pb) in ((a, b) for a in sides[0] for b in sides[1]):
+            differs = [k for k in ("data", "epochs", "max_steps") if pa.get(k) != pb.get(k)]
+            if differs:
+                raise UsageError(f"claim {cl['id']}: {ca} ({cl['better']}) and {cb} ({cl['worse']}) were trained "
+                                 f"with other {', '.join(differs)}; the claim would not be judged on any row. "
+                                 f"Train both arms on the plan's corpus and budget, or fix {plan.path}")
     return seeds
 
 
@@ -199,10 +235,16 @@ def _side(arm: str, values: dict) -> dict:
             "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
 
 
+def _n_seeds(arm: Arm) -> int:
+    """How many seeds the plan runs the arm with (one run for a training-free arm)."""
+    return len(arm.checkpoints) if arm.needs_checkpoint else 1
+
+
 def measure(plan: Plan, runs, claims: list[dict]) -> list[dict]:
     """One row per claim, dataset and temperature of the plan: both arms' tau per training seed (mean, min,
-    max: the seed spread), the joined verdict and each pair's paired-bootstrap interval; a row without a
-    comparable pair says why (`verdict` "not measured")."""
+    max: the seed spread), the joined verdict and each pair's paired-bootstrap interval. A row without a
+    comparable pair says why (`verdict` "not measured"); one whose arms have fewer seeds than the plan
+    trains (a run missing, or not comparable) keeps its values but is "incomplete", with the reason."""
     from .compare import check_claims, seed_spread
 
     results = check_claims(runs, claims)
@@ -215,18 +257,26 @@ def measure(plan: Plan, runs, claims: list[dict]) -> list[dict]:
                 row = {"claim": cl["id"], "dataset": ds, "temperature": t,
                        "in_paper": (cl["paper_datasets"] is None or ds in cl["paper_datasets"])
                        and (cl["paper_temperatures"] is None or t in [float(x) for x in cl["paper_temperatures"]])}
+                why = sorted({r["reason"] for r in mine if not r["checked"]})
                 if len(groups) != 1:
-                    why = sorted({r["reason"] for r in mine if not r["checked"]})
                     row.update(verdict="not measured",
                                reason="; ".join(why) if why else "no runs of both arms" if not groups else
                                f"{len(groups)} settings of the arms, not one")
-                else:
-                    [g] = groups
-                    row.update(better=_side(cl["better"], g["better"]), worse=_side(cl["worse"], g["worse"]),
-                               verdict=g["verdict"], seeds_disagree=g["seeds_disagree"],
-                               pairs=[{"seeds": [p["runs"][0].draft_seed, p["runs"][1].draft_seed],
-                                       "interval": list(p["interval"]) if p["interval"] else None,
-                                       "verdict": p["verdict"]} for p in g["pairs"]])
+                    rows.append(row)
+                    continue
+                [g] = groups
+                row.update(better=_side(cl["better"], g["better"]), worse=_side(cl["worse"], g["worse"]),
+                           verdict=g["verdict"], seeds_disagree=g["seeds_disagree"],
+                           pairs=[{"seeds": [p["runs"][0].draft_seed, p["runs"][1].draft_seed],
+                                   "interval": list(p["interval"]) if p["interval"] else None,
+                                   "verdict": p["verdict"]} for p in g["pairs"]])
+                # a verdict over fewer seeds than the plan trains would read as the whole spread
+                short = [f"{side_arm} has {len(g[side])} of its {_n_seeds(plan.arms[side_arm])} seeds"
+                         for side, side_arm in (("better", cl["better"]), ("worse", cl["worse"]))
+                         if len(g[side]) < _n_seeds(plan.arms[side_arm])]
+                if g["problem"] or short:
+                    row.update(verdict="not measured" if g["problem"] else "incomplete",
+                               reason="; ".join(([g["problem"]] if g["problem"] else []) + short + why))
                 rows.append(row)
     return rows
 
@@ -279,7 +329,23 @@ def training_jobs(plan: Plan) -> list[dict]:
     unknown = sorted({a for j in jobs for a in j["arms"]} - set(plan.arms))
     if unknown:
         raise UsageError(f"{plan.path}: training names arm(s) {', '.join(unknown)} that the plan does not run")
+    for job in tr["jobs"]:  # a job that trains another arm than it names would cost its hours for nothing
+        args = list(job.get("args", []))
+        flags = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--variant", "--mask-mode")]
+        for name in job["arms"]:
+            want = name[name.index("[") + 1:-1] if name.endswith("]") else None
+            if (flags[-1] if flags else None) != want or job["method"] not in _family(plan.arms[name].method):
+                raise UsageError(f"{plan.path}: the training job of method {job['method']} with args {args} does "
+                                 f"not train arm {name}")
     return jobs
+
+
+def _family(method: str) -> set[str]:
+    """The methods whose checkpoints `method` drafts with: its own, and its catalogue's `draft_of`."""
+    from ..methods.catalogue import identity
+
+    ident = identity(method)
+    return {method, *([ident.draft_of] if ident is not None and ident.draft_of else [])}
 
 
 def trained(out: str) -> bool:
@@ -295,7 +361,8 @@ def trained(out: str) -> bool:
 
 
 def _fmt_side(side: dict) -> str:
-    if side["min"] == side["max"]:
+    """One seed: its tau; several: their mean [min-max], so that seeds agreeing never look like one seed."""
+    if len(side["tau"]) == 1:
         return f"{side['mean']:.3f}"
     return f"{side['mean']:.3f} [{side['min']:.3f}-{side['max']:.3f}]"
 
@@ -316,7 +383,7 @@ def table_lines(rows: list[dict], claims: list[dict]) -> str:
             verdict += " (seeds disagree)"
         out.append([stmt, r["dataset"], f"{r['temperature']:g}", "yes" if r["in_paper"] else "no",
                     _fmt_side(r["better"]) if "better" in r else "-", _fmt_side(r["worse"]) if "worse" in r else "-",
-                    verdict if "better" in r else f"{verdict}: {r.get('reason', '')}"])
+                    f"{verdict}: {r['reason']}" if r.get("reason") else verdict])
     return tabulate(out, headers=["claim", "dataset", "T", "paper's row", "better tau", "worse tau", "verdict"])
 
 
@@ -330,7 +397,7 @@ def cmd_fidelity(args) -> int:
         if unknown:
             raise UsageError(f"unknown arm(s) {', '.join(sorted(unknown))} (the plan's: {', '.join(plan.arms)})")
         paths = run_plan(plan, Path(args.results), progress=not args.no_progress,
-                         only=lambda arm, ckpt, ds, t: arm.name in arms)
+                         only=lambda arm, ckpt, ds, t: arm.name in arms, claims=study_claims(plan, args.claims))
         print(f"{len(paths)} runs in {args.results}")
         return 0
     if args.action == "train":

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..artifacts import atomic_path, sha256_file, write_text
+from ..artifacts import atomic_path, sha256_file, sha256_json, write_text
 from ..errors import SpecbenchError
 
 __all__ = [
@@ -257,8 +257,15 @@ def checkpoint_provenance(path: str | os.PathLike | None) -> dict | None:
              f"{data.get('source_id')} start={data.get('start', 0)} conversations={data.get('conversations_used')} "
              f"max_tokens={data.get('max_tokens')}")
     seed = man.get("seed", training.get("seed"))
+    # the recipe: every training option but the seed and the run's bookkeeping, so that two seeds of one arm
+    # can be checked to share it (a learning rate that differs would make their spread no seed spread)
+    recipe = {k: v for k, v in training.items() if k not in _BOOKKEEPING}
     return {"method": man.get("method"), "variant": man.get("variant"), "seed": seed, "data": ident,
-            "tokens": data.get("tokens"), "epochs": training.get("epochs"), "max_steps": training.get("max_steps")}
+            "tokens": data.get("tokens"), "epochs": training.get("epochs"), "max_steps": training.get("max_steps"),
+            "recipe": sha256_json({"training": recipe, "max_tokens": data.get("max_tokens")})[:16]}
+
+
+_BOOKKEEPING = ("seed", "save_every", "log_every", "steps", "finished", "resumed_from_step", "train_seconds")
 
 
 def _what_to_do(target_name: str) -> str:
