@@ -1,6 +1,6 @@
 """Heads trained over a reduced draft vocabulary (EAGLE-3's d2t/t2d mapping in the checkpoint): strict
 loading, training over the draft vocabulary's rows, the held-out check, and drafting over exactly it.
-Losslessness with such a head runs in tests/test_lossless_e2e.py (REDUCED_VOCAB_HEAD)."""
+Losslessness with such a head runs in tests/test_lossless_e2e.py (REDUCED_VOCAB)."""
 
 from __future__ import annotations
 

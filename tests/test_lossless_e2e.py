@@ -171,6 +171,13 @@ def _fspad_checkpoint(target, d: Path) -> None:
     _distilled_checkpoint(FspadTask(FspadOptions(embed_init_scale=1.0)), target, d)
 
 
+def _fspad_draft_vocab_checkpoint(target, d: Path) -> None:
+    """An FSPAD head trained over a reduced draft vocabulary (24 of 64 ids; its d2t/t2d mapping)."""
+    from specbench.training.fspad import FspadOptions, FspadTask
+
+    _distilled_checkpoint(FspadTask(FspadOptions(embed_init_scale=1.0, draft_vocab=24)), target, d)
+
+
 # Losslessness must hold for any draft weights, so a checkpoint made here for the tiny target drives a
 # head method's whole path. Keyed by draft-head architecture (`Identity.head`, else the method's name):
 # a registered method that needs a checkpoint of an architecture missing here fails, never skips.
@@ -192,10 +199,14 @@ def _stored_prefix_draft(target, d: Path) -> None:
     save_prefix_draft(lm, d, target=target.name, target_sha256=target.weights_sha256)
 
 
-# EAGLE-2 over a head trained over a reduced draft vocabulary: not a method of its own, a checkpoint kind
+# A method over a head trained over a reduced draft vocabulary: not a method of its own, a checkpoint kind
+# (EAGLE-2's stands for EAGLE, EAGLE-2 and HASS, whose heads share the architecture)
 REDUCED_VOCAB_HEAD = "eagle2(draft-vocab head)"
+REDUCED_VOCAB_FSPAD = "fspad(draft-vocab head)"
+REDUCED_VOCAB = {REDUCED_VOCAB_HEAD: "eagle2", REDUCED_VOCAB_FSPAD: "fspad"}
 CHECKPOINT_BUILDERS = {"eagle": _eagle_checkpoint, "fspad": _fspad_checkpoint, "sps": _layer_prefix_draft,
                        REDUCED_VOCAB_HEAD: _eagle_draft_vocab_checkpoint,
+                       REDUCED_VOCAB_FSPAD: _fspad_draft_vocab_checkpoint,
                        **dict.fromkeys(("kld", "tvd", "tvdpp"), _stored_prefix_draft)}
 # Methods whose drafter is another's with other default weights: their sampling tests run under -m slow.
 SAME_DRAFTER = {"kld": "sps", "tvd": "sps", "tvdpp": "sps"}
@@ -210,7 +221,7 @@ def checkpoint_params(target, tmp_path_factory):
         method = get_method(_method(name))
         if not method.needs_checkpoint:
             return {}
-        arch = name if name == REDUCED_VOCAB_HEAD else method.identity.head or name
+        arch = name if name in REDUCED_VOCAB else method.identity.head or name
         if arch not in CHECKPOINT_BUILDERS:
             pytest.fail(f"{name} needs a draft checkpoint ({arch}) and this test cannot make one for the tiny "
                         "target: add a builder to CHECKPOINT_BUILDERS")
@@ -236,7 +247,7 @@ def build_drafter(name: str, target, sampling: SamplingConfig, generator, checkp
 
 
 def _method(name: str) -> str:
-    return "eagle2" if name == REDUCED_VOCAB_HEAD else name
+    return REDUCED_VOCAB.get(name, name)
 
 
 class SampledTreeDrafter(DrafterBase):
@@ -260,7 +271,7 @@ class SampledTreeDrafter(DrafterBase):
 
 
 SAMPLED_TREE = "sampled-tree(test drafter)"
-METHODS = sorted(available_methods()) + [REDUCED_VOCAB_HEAD]
+METHODS = sorted(available_methods()) + list(REDUCED_VOCAB)
 
 
 # --------------------------------------------------------------------------- greedy
