@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -224,14 +225,20 @@ def test_the_committed_training_jobs_parse_and_share_one_corpus_and_budget(capsy
 def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
     done = tmp_path / "h0"
     done.mkdir()
-    (done / "MANIFEST.json").write_text(json.dumps({"training": {"finished": True}}))
     training = {"corpus": ["c1"], "common": ["--max-tokens", "64"],
                 "jobs": [{"arms": ["eagle2"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}")}]}
     plan = _plan(tmp_path, {"eagle2": {"method": "eagle2"}, "fspad[wofs]": {"method": "fspad"}}, training=training)
+    job = F.training_jobs(plan)[0]
+    man = {"training": {"finished": True}, "command": "specbench " + " ".join(job["argv"])}
+    (done / "MANIFEST.json").write_text(json.dumps(man))
     assert cli.main(["fidelity", "train", "--plan", str(plan.path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("done specbench train --method eagle --out " + str(done))
     assert out[1].startswith("train specbench train") and out[1].endswith("--max-tokens 64 --seed 1")
+    # the plan's recipe changed after the head was trained: refused, not skipped
+    (done / "MANIFEST.json").write_text(json.dumps(dict(man, command=man["command"].replace("64", "128"))))
+    assert cli.main(["fidelity", "train", "--plan", str(plan.path), "--dry-run"]) != 0
+    assert re.search("holds a head trained by .*--max-tokens 128.* the plan's job is now", capsys.readouterr().err)
     bad = _plan(tmp_path, {"pld": {"method": "pld"}}, training=dict(training, jobs=[{"arms": ["x"], "method": "eagle",
                                                                                       "seeds": [0], "out": "o"}]))
     with pytest.raises(UsageError, match="training names arm.s. x that the plan does not run"):

@@ -348,13 +348,22 @@ def _family(method: str) -> set[str]:
     return {method, *([ident.draft_of] if ident is not None and ident.draft_of else [])}
 
 
-def trained(out: str) -> bool:
-    """A finished checkpoint is at `out` (its manifest says training finished)."""
-    man = Path(out) / "MANIFEST.json"
+def trained(job: dict) -> bool:
+    """A finished checkpoint of `job` is at its `out` (its manifest says training finished). One finished
+    with another command than the job's (the plan changed since) is refused: skipping it would run the
+    study on a head the plan does not describe."""
+    import shlex
+
     try:
-        return bool(json.loads(man.read_text())["training"]["finished"])
+        man = json.loads((Path(job["out"]) / "MANIFEST.json").read_text())
+        finished = bool(man["training"]["finished"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    want = "specbench " + shlex.join(job["argv"])
+    if finished and man.get("command") != want:
+        raise UsageError(f"{job['out']} holds a head trained by `{man.get('command')}`, but the plan's job is now "
+                         f"`{want}`; delete {job['out']} to train it again, or restore the plan")
+    return finished
 
 
 # ---------------------------------------------------------------- command line
@@ -407,7 +416,7 @@ def cmd_fidelity(args) -> int:
 
         jobs = training_jobs(plan)
         for job in jobs:
-            done = trained(job["out"])
+            done = trained(job)
             print(("done " if done else "train ") + "specbench " + shlex.join(job["argv"]), flush=True)
             if not done and not args.dry_run:
                 # `specbench train --method M ARGS`: resumes a job interrupted earlier (the trainer's own state)
