@@ -8,6 +8,7 @@ the same static and dynamic tree drafters as EAGLE's head, and decodes losslessl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_a_method_refuses_a_loaded_head_of_another_architecture(target, toy_dir)
         resolve_head("eagle2", target, load_head(toy_dir, target))
 
 
-def test_every_committed_head_carries_a_manifest_that_matches_it():
+def test_every_committed_head_carries_a_manifest_that_matches_it(tmp_path):
     """Each head under specbench/checkpoints/ (package data) has a MANIFEST.json naming its weights' sha256,
     the method that trained it and the target it was trained for, consistent with its config.json; the
     catalogue's default heads are among them."""
@@ -202,10 +203,22 @@ def test_every_committed_head_carries_a_manifest_that_matches_it():
                "hass": {"additive": None}.get(man["training"]["task"].get("mask_mode"), "official")}.get(man["method"])
         assert prov["variant"] == man["variant"] == arm, d.name
         assert prov["seed"] == man["training"]["seed"] and prov["epochs"] == man["training"]["epochs"], d.name
+        assert prov["draft_vocab"] == man["training"]["task"].get("draft_vocab"), d.name
+        again = json.loads(json.dumps(man))  # the recipe: what differs apart from the seed changes it
+        again["training"].update(seed=7, steps=1, train_seconds=1.0)
+        assert _provenance_of(again, tmp_path / d.name)["recipe"] == prov["recipe"], d.name
+        again["training"]["lr"] = 1.0
+        assert _provenance_of(again, tmp_path / d.name)["recipe"] != prov["recipe"], d.name
         corpus = man["data"].get("corpus")
         assert prov["data"] == (f"corpus:sha256={corpus['content_sha256']}" if corpus else
                                 f"{man['data']['source_id']} start=0 conversations={man['data']['conversations_used']} "
                                 f"max_tokens={man['data']['max_tokens']}"), d.name
+
+
+def _provenance_of(manifest: dict, d: Path) -> dict:
+    d.mkdir(exist_ok=True)
+    (d / "MANIFEST.json").write_text(json.dumps(manifest))
+    return checkpoint_provenance(d)
 
 
 def test_a_head_without_a_manifest_has_no_provenance(tmp_path):

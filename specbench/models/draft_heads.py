@@ -239,7 +239,8 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
 
 def checkpoint_provenance(path: str | os.PathLike | None) -> dict | None:
     """How a trained checkpoint was made, from its MANIFEST.json, for results files: the training `seed`,
-    the head's `variant` (None: the method's main arm), the `data` it was trained on and the `epochs`.
+    the head's `variant` (None: the method's main arm), the `data` it was trained on, the `epochs`, a hash
+    of the rest of its training options (`recipe`) and the `draft_vocab` size it was trained over.
     Claims compare methods only when their heads share data and epochs, and spread over seeds. None when
     the directory has no manifest (a converted or hand-made head), or `path` is no directory."""
     if path is None or not (Path(path) / "MANIFEST.json").is_file():
@@ -262,7 +263,10 @@ def checkpoint_provenance(path: str | os.PathLike | None) -> dict | None:
     recipe = {k: v for k, v in training.items() if k not in _BOOKKEEPING}
     return {"method": man.get("method"), "variant": man.get("variant"), "seed": seed, "data": ident,
             "tokens": data.get("tokens"), "epochs": training.get("epochs"), "max_steps": training.get("max_steps"),
-            "recipe": sha256_json({"training": recipe, "max_tokens": data.get("max_tokens")})[:16]}
+            "recipe": sha256_json({"training": recipe, "max_tokens": data.get("max_tokens")})[:16],
+            # the draft vocabulary it was trained over, and drafts over when it keeps the mapping (0: all)
+            "draft_vocab": (training.get("task") or {}).get("draft_vocab") if isinstance(training.get("task"), dict)
+            else None}
 
 
 _BOOKKEEPING = ("seed", "save_every", "log_every", "steps", "finished", "resumed_from_step", "train_seconds")
