@@ -390,8 +390,11 @@ def test_a_head_run_records_how_its_checkpoint_was_trained(runner, tmp_path):
     out = tmp_path / "r.json"
     cfg = _cfg(method="eagle2", limit=1, max_new_tokens=6, params={"checkpoint": str(head_dir)})
     doc = runner.run(cfg, out=out, progress=False)
-    assert doc["config"]["draft"] == {"method": "eagle", "variant": None, "seed": 7, "data": "corpus:sha256=c0",
-                                      "tokens": 10, "epochs": 2, "max_steps": None}
+    draft = doc["config"]["draft"]
+    assert {k: v for k, v in draft.items() if k != "recipe"} == {
+        "method": "eagle", "variant": None, "seed": 7, "data": "corpus:sha256=c0", "tokens": 10, "epochs": 2,
+        "max_steps": None, "draft_vocab": None}
+    assert len(draft["recipe"]) == 16  # a hash of the other training options
     (head_dir / "MANIFEST.json").write_text(json.dumps(manifest | {"variant": "x"}))
     doc = runner.run(_cfg(method="eagle2", limit=2, max_new_tokens=6, params={"checkpoint": str(head_dir)}), out=out,
                      progress=False)
