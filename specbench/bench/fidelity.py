@@ -148,13 +148,11 @@ def run_plan(plan: Plan, results_dir: Path, runner=None, progress: bool = True, 
 
 
 def _checkpoint_dir(checkpoint: str) -> Path | None:
-    """A checkpoint's directory: the path as given, else a name under specbench/checkpoints/; None if neither."""
-    from ..methods.head_drafters import CHECKPOINTS_DIR
+    """A checkpoint's directory (`head_drafters.checkpoint_dir`: a path, or a committed head's name), or None."""
+    from ..methods.head_drafters import checkpoint_dir
 
-    for d in (Path(checkpoint).expanduser(), CHECKPOINTS_DIR / checkpoint):
-        if d.is_dir():
-            return d
-    return None
+    d = checkpoint_dir(checkpoint)
+    return d if d.is_dir() else None
 
 
 def _provenance(checkpoint: str) -> dict:
@@ -165,17 +163,24 @@ def _provenance(checkpoint: str) -> dict:
     return (checkpoint_provenance(d) or {}) if d is not None else {}
 
 
-def _trained_arm(method: str, checkpoint: str) -> str:
-    """The arm a checkpoint was trained as: `method`, or `method[variant]`."""
-    variant = _provenance(checkpoint).get("variant")
+def _arm_of(method: str, prov: dict) -> str:
+    """The arm a checkpoint with provenance `prov` was trained as: `method`, or `method[variant]`."""
+    variant = prov.get("variant")
     return f"{method}[{variant}]" if variant else method
+
+
+def _trained_arm(method: str, checkpoint: str) -> str:
+    """The arm a checkpoint was trained as (see `_arm_of`)."""
+    return _arm_of(method, _provenance(checkpoint))
 
 
 def _check_checkpoint(plan: Plan, arm: Arm, ckpt: str) -> dict:
     """`ckpt`'s provenance, refused with what to do when it cannot be one of `arm`'s seeds."""
+    from ..methods.sps import PREFIX
+
     d = _checkpoint_dir(ckpt)
     several = len(arm.checkpoints) > 1
-    if d is None and ":" not in ckpt:  # "kind:arg" (sps's prefix:K) is a draft built at run time, no directory
+    if d is None and not ckpt.startswith(PREFIX):  # sps's prefix:K is a draft built at run time, no directory
         raise UsageError(f"{ckpt}: no such checkpoint (looked for {Path(ckpt).expanduser().resolve()} and under "
                          f"specbench/checkpoints/); train it (specbench fidelity train) or fix arm {arm.name} of "
                          f"{plan.path}")
@@ -189,7 +194,7 @@ def _check_checkpoint(plan: Plan, arm: Arm, ckpt: str) -> dict:
     if prov.get("method") and prov["method"] not in _family(arm.method):
         raise UsageError(f"{ckpt}: its manifest says it was trained for {prov['method']}, the plan runs it as "
                          f"arm {arm.name}; fix the plan ({plan.path})")
-    got = _trained_arm(arm.method, ckpt)
+    got = _arm_of(arm.method, prov)
     if got != arm.name:
         raise UsageError(f"{ckpt}: its manifest trains arm {got}, the plan runs it as {arm.name}; fix the plan "
                          f"({plan.path})")

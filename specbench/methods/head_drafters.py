@@ -62,6 +62,7 @@ from .draft_vocab import DraftVocab
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "checkpoint_dir",
     "DYNAMIC_TREE_DEFAULTS",
     "dynamic_tree_method",
     "DynamicTreeDrafter",
@@ -145,14 +146,21 @@ def resolve_head(method: str, target, checkpoint: Any) -> LoadedHead:
             return _load_cached(d, target, arch)
         except CheckpointError as e:
             raise _needs(method, target, f"the default head {d} does not load: {e}") from e
-    d = Path(str(checkpoint)).expanduser()
-    if not d.exists() and (CHECKPOINTS_DIR / str(checkpoint)).is_dir():
-        d = CHECKPOINTS_DIR / str(checkpoint)
+    d = checkpoint_dir(checkpoint)
     if not d.is_dir():
         what = "is a file" if d.exists() else "not found"
         raise CheckpointError(f"draft checkpoint {checkpoint} {what}; pass a directory with config.json and "
                               "model.safetensors or pytorch_model.bin")
     return _load_cached(d, target, arch)
+
+
+def checkpoint_dir(checkpoint: Any) -> Path:
+    """Where a `checkpoint` parameter points: the path as given, else a name under specbench/checkpoints/
+    (a committed head, e.g. ``fspad-wofs-smollm2-135m``) when the path does not exist."""
+    d = Path(str(checkpoint)).expanduser()
+    if not d.exists() and (CHECKPOINTS_DIR / str(checkpoint)).is_dir():
+        d = CHECKPOINTS_DIR / str(checkpoint)
+    return d
 
 
 def _load_cached(d: Path, target, arch: str | None) -> LoadedHead:
