@@ -173,3 +173,20 @@ def test_kld_over_a_support_has_the_gradient_of_kl_to_p_renormalised_there_times
 
     torch.testing.assert_close(_grad(lambda d, t, m: L.kld_loss(d, t, m, support=S), draft, target, mask),
                                _grad(scaled_kl, draft, target, mask))
+
+
+@pytest.mark.parametrize("name", ["kld_loss", "tvd_loss", "tvdpp_loss", "tvd"])
+def test_the_supports_logits_with_the_full_logsumexp_give_the_full_vocabularys_losses(name):
+    """The drafter's training route: S's target logits and the cached logsumexp of all of them stand for the full
+    vocabulary's logits (values and gradients), while S's logits renormalised among themselves do not."""
+    draft, target, mask, S = _support_inputs(5)
+    fn = getattr(L, name)
+    lse = torch.logsumexp(target, -1)
+    want = fn(draft, target, mask, support=S)
+    got = fn(draft, target.index_select(-1, S), mask, support=S, target_lse=lse)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(_grad(lambda d, t, m: fn(d, t.index_select(-1, S), m, support=S, target_lse=lse),
+                                     draft, target, mask),
+                               _grad(lambda d, t, m: fn(d, t, m, support=S), draft, target, mask))
+    wrong = torch.logsumexp(target.index_select(-1, S), -1)  # the normaliser of S's logits only
+    assert not torch.allclose(fn(draft, target.index_select(-1, S), mask, support=S, target_lse=wrong), want)

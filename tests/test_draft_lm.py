@@ -18,14 +18,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _rows(target, n=3, T=9, seed=0):
-    from specbench.training.features import target_hidden_states
+    """Feature-cache rows as extraction writes them: hidden states and the target's logit statistics over them."""
+    from specbench.training.features import target_hidden_states, target_logit_stats
 
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
         ids = torch.randint(0, 64, (T,), generator=g)
         mask = (torch.rand(T, generator=g) > 0.4).float()
-        rows.append({"input_ids": ids, "loss_mask": mask, "hidden": target_hidden_states(target.model, ids[None])[0]})
+        hidden = target_hidden_states(target.model, ids[None])[0]
+        lse, top = target_logit_stats(target.model.get_output_embeddings(), hidden)
+        rows.append({"input_ids": ids, "loss_mask": mask, "hidden": hidden, "target_lse": lse, "target_argmax": top})
     return rows
 
 
@@ -102,6 +105,9 @@ def test_a_draft_vocabulary_scores_the_datas_most_frequent_assistant_tokens(targ
     torch.testing.assert_close(got["acc"], want_acc)
     with pytest.raises(ValueError, match="draft_vocab must lie in 1"):
         DraftLMTask(DraftLMOptions(layers=1, draft_vocab=V)).make_head(target.model, rows)
+    # p on S comes from the cached logsumexp of all the target's logits: a batch without it is refused
+    with pytest.raises(ValueError, match="target_lse"):
+        task.loss(head, {k: v for k, v in batch.items() if k != "target_lse"})
 
 
 def test_train_command_makes_a_draft_that_sps_decodes_losslessly(tmp_path, monkeypatch):

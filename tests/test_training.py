@@ -182,6 +182,10 @@ def test_feature_cache_round_trip_reuse_and_resume(tiny, sharegpt_file, tmp_path
     assert row["hidden"].shape == ref.shape
     torch.testing.assert_close(row["hidden"], ref.half().float())
     assert row["loss_mask"].sum() > 0 and row["loss_mask"][0] == 0
+    # the target's full-vocabulary logit statistics over the stored (float16) states
+    logits = tiny.model.get_output_embeddings()(row["hidden"])
+    torch.testing.assert_close(row["target_lse"], torch.logsumexp(logits, -1))
+    assert torch.equal(row["target_argmax"], logits.argmax(-1))
 
     # reuse: same key -> same directory, nothing recomputed
     def boom(*a, **k):

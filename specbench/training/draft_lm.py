@@ -19,8 +19,10 @@ reply's) by `--loss`:
 ``--draft-vocab N`` trains q over a reduced draft vocabulary S: the training data's N most frequent assistant
 tokens (the first N ids of the checkpoint's ``draft_vocab.json``). The draft's logits are its LM head's rows of
 S only (the cost that dominates a small draft's step), p stays the target's full-vocabulary distribution
-restricted to S (its mass outside S counts as missed, exactly; see ``losses``). Decode with the same
-``--param draft_vocab=N``: the decoder's vocabulary is those N ids plus the sequence's own tokens.
+restricted to S (its mass outside S counts as missed, exactly; see ``losses``), computed as
+``exp(W_S h_t - lse_t)`` from the full vocabulary's logsumexp cached with the features, so the target's side
+of a step is S's rows of its LM head too. Decode with the same ``--param draft_vocab=N``: the decoder's
+vocabulary is those N ids plus the sequence's own tokens.
 
 The exported checkpoint is the compact prefix-draft format (`specbench.models.draft_lm.save_prefix_draft`):
 the fine-tuned layers and norm, loading over the target it was made from; ``sps`` drafts with it
@@ -81,21 +83,26 @@ class DraftLM(nn.Module):
 
 
 def plain_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-padded tokens and target features, no shift: position t predicts token t+1, so
-    ``loss_mask[t] = mask[t+1]`` (the last position predicts nothing)."""
+    """Right-padded tokens, target features and the target's logit statistics (`features.target_logit_stats`,
+    when the rows have them), no shift: position t predicts token t+1, so ``loss_mask[t] = mask[t+1]`` (the last
+    position predicts nothing)."""
     T = max(len(r["input_ids"]) for r in rows)
     B, H = len(rows), rows[0]["hidden"].shape[-1]
     ids = torch.zeros(B, T, dtype=torch.long)
     hid = torch.zeros(B, T, H)
     mask = torch.zeros(B, T)
     att = torch.zeros(B, T, dtype=torch.long)
+    stats = {k: torch.zeros(B, T, dtype=dt) for k, dt in (("target_lse", torch.float32),
+                                                          ("target_argmax", torch.long)) if k in rows[0]}
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[b, :n] = r["input_ids"]
         hid[b, :n] = r["hidden"]
         mask[b, :n - 1] = r["loss_mask"][1:n]
         att[b, :n] = 1
-    return {"input_ids": ids, "hidden": hid, "loss_mask": mask, "attention_mask": att}
+        for k, v in stats.items():
+            v[b, :n] = r[k]
+    return {"input_ids": ids, "hidden": hid, "loss_mask": mask, "attention_mask": att, **stats}
 
 
 class DraftLMTask(Task):
@@ -115,7 +122,7 @@ class DraftLMTask(Task):
     def make_head(self, model, data=None, seed: int = 0) -> DraftLM:
         from ..models.draft_lm import layer_prefix_draft
 
-        self._target_head = frozen_lm_head_fn(model.get_output_embeddings())
+        self._target_head = frozen_lm_head_fn(model.get_output_embeddings())  # (x, ids=None) -> logits
         if self.opts.draft_vocab:
             from .features import draft_vocab_ids
 
@@ -138,18 +145,29 @@ class DraftLMTask(Task):
         H = hidden.shape[-1]
         S = self.support
         q_logits = raw.logits(hidden.reshape(-1, H)[sel], S)
+        h_t = batch["hidden"].reshape(-1, H)[sel]
         with torch.no_grad():
-            p_logits = self._target_head(batch["hidden"].reshape(-1, H)[sel])  # always the full vocabulary
+            if S is None:  # the full vocabulary: p = softmax of all the target's logits
+                p_logits, lse = self._target_head(h_t), None
+                t_top = p_logits.argmax(-1)
+            else:  # S's logits and the cached logsumexp of all of them: p on S, exactly (not renormalised)
+                if "target_lse" not in batch:
+                    raise ValueError("a draft vocabulary needs the target's logsumexp in the batch (target_lse): "
+                                     "rows from a feature cache of format 2 (features.target_logit_stats)")
+                p_logits = self._target_head(h_t, S)
+                lse = batch["target_lse"].reshape(-1)[sel]
+                t_top = batch["target_argmax"].reshape(-1)[sel]
         ones = torch.ones(sel.numel(), device=sel.device)
+        kw = {"support": S, "target_lse": lse}
         if self.opts.loss == "kld":
-            loss = kld_loss(q_logits, p_logits, ones, support=S)
+            loss = kld_loss(q_logits, p_logits, ones, **kw)
         elif self.opts.loss == "tvd":
-            loss = tvd_loss(q_logits, p_logits, ones, support=S)
+            loss = tvd_loss(q_logits, p_logits, ones, **kw)
         else:
-            loss = tvdpp_loss(q_logits, p_logits, ones, stats=self.opts.tvdpp_stats, support=S)
+            loss = tvdpp_loss(q_logits, p_logits, ones, stats=self.opts.tvdpp_stats, **kw)
         with torch.no_grad():
-            acc = (self._draft_ids(q_logits) == p_logits.argmax(-1)).float().mean()
-            return_tvd = tvd(q_logits, p_logits, ones, support=S)
+            acc = (self._draft_ids(q_logits) == t_top).float().mean()
+            return_tvd = tvd(q_logits, p_logits, ones, **kw)
         return {"loss": loss, "tvd": return_tvd, "acc": acc, "n_tokens": mask.sum()}
 
     def _draft_ids(self, q_logits: torch.Tensor) -> torch.Tensor:
@@ -159,7 +177,9 @@ class DraftLMTask(Task):
 
     def describe(self) -> dict:
         return {**super().describe(),
-                "p": "softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary",
+                "p": ("softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary"
+                      + ("; on the draft vocabulary as exp(its logits - the cached full logsumexp)"
+                         if self.opts.draft_vocab else "")),
                 "q": (f"over the data's {self.opts.draft_vocab} most frequent assistant tokens (p's mass outside "
                       "them counts as missed)" if self.opts.draft_vocab else "the full vocabulary"),
                 "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",

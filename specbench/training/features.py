@@ -7,7 +7,12 @@ method trained on the same target and data reuses it. Rows:
 
 - ``id`` (string), ``input_ids`` (int32 list), ``loss_mask`` (int8 list: 1 on assistant-reply tokens),
 - ``hidden``: ``L x H`` float16, the input of the target's LM head, i.e.
-  ``model.get_decoder()(input_ids).last_hidden_state`` (after the final norm), at every position.
+  ``model.get_decoder()(input_ids).last_hidden_state`` (after the final norm), at every position;
+- ``target_lse`` (float32 list) and ``target_argmax`` (int32 list): the logsumexp and the argmax of the target's
+  full-vocabulary logits over the stored (float16) hidden state at every position (`target_logit_stats`). A
+  drafter over a reduced vocabulary S needs the target's p on S only, ``exp(W_S h - lse)``: with the
+  logsumexp cached, its step computes |S| rows of the LM head instead of all of them (12x fewer at S = 4,096
+  of SmolLM2's 49,152), once for every drafter trained on the cache.
 
 Extraction is resumable: each shard is written to a temporary directory and renamed into place when
 complete; finished shards are skipped on the next run. Progress goes to a tqdm bar and to the log.
@@ -31,9 +36,9 @@ from ..artifacts import sha256_bytes, sha256_json, utc_now, write_json
 
 __all__ = ["FeatureExample", "feature_cache_key", "feature_cache_dir", "extract_features", "load_feature_cache",
            "FeatureCache", "target_hidden_states", "prepare_features", "heldout_conversations",
-           "assistant_token_ranking", "draft_vocab_ids"]
+           "assistant_token_ranking", "draft_vocab_ids", "target_logit_stats"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: target_lse and target_argmax beside the hidden states
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +59,7 @@ def feature_cache_key(*, target_sha256: str, data_ident: str, selection: dict, m
         "selection": selection,
         "max_tokens": int(max_tokens),
         "chat_template_sha256": sha256_bytes((chat_template or "").encode()),
-        "features": "last_hidden_state(float16)",
+        "features": "last_hidden_state(float16), target_lse, target_argmax",
     }
     return sha256_json(payload)
 
@@ -73,6 +78,24 @@ def target_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     return out.last_hidden_state
 
 
+@torch.no_grad()
+def target_logit_stats(lm_head: torch.nn.Module, hidden: torch.Tensor, rows: int = 512
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, argmax) of the target's logits ``lm_head(hidden)`` over the full vocabulary, per row of
+    `hidden` (..., H), in float32 and int64; computed `rows` rows at a time to bound the logits' memory."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    w = lm_head.weight
+    lse, top = [], []
+    for i in range(0, flat.shape[0], rows):
+        logits = lm_head(flat[i:i + rows].to(w.dtype)).float()
+        lse.append(torch.logsumexp(logits, -1))
+        top.append(logits.argmax(-1))
+    shape = hidden.shape[:-1]
+    if not lse:
+        return torch.zeros(shape), torch.zeros(shape, dtype=torch.long)
+    return torch.cat(lse).reshape(shape), torch.cat(top).reshape(shape)
+
+
 def _hidden_array(hs: Sequence[np.ndarray], hidden: int):
     import pyarrow as pa
 
@@ -83,7 +106,9 @@ def _hidden_array(hs: Sequence[np.ndarray], hidden: int):
     return pa.ListArray.from_arrays(pa.array(offs), fsl)
 
 
-def _write_shard(path: Path, rows: list[tuple[FeatureExample, np.ndarray]], hidden: int) -> None:
+def _write_shard(path: Path, rows: list[tuple[FeatureExample, tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                 hidden: int) -> None:
+    """Rows of (example, (hidden float16, target_lse float32, target_argmax int32))."""
     import datasets
     import pyarrow as pa
 
@@ -91,7 +116,9 @@ def _write_shard(path: Path, rows: list[tuple[FeatureExample, np.ndarray]], hidd
         "id": pa.array([r[0].id for r in rows], type=pa.string()),
         "input_ids": pa.array([np.asarray(r[0].input_ids, np.int32) for r in rows], type=pa.list_(pa.int32())),
         "loss_mask": pa.array([np.asarray(r[0].loss_mask, np.int8) for r in rows], type=pa.list_(pa.int8())),
-        "hidden": _hidden_array([r[1] for r in rows], hidden),
+        "hidden": _hidden_array([r[1][0] for r in rows], hidden),
+        "target_lse": pa.array([r[1][1] for r in rows], type=pa.list_(pa.float32())),
+        "target_argmax": pa.array([r[1][2] for r in rows], type=pa.list_(pa.int32())),
     })
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +174,7 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
     for s in todo:
         chunk = list(examples[s * shard_size:(s + 1) * shard_size])
         order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
-        feats: dict[int, np.ndarray] = {}
+        feats: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         i = 0
         while i < len(order):
             L = len(chunk[order[i]].input_ids)
@@ -160,9 +187,13 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
                 seq = chunk[j].input_ids
                 ids[r, :len(seq)] = torch.tensor(seq)
                 att[r, :len(seq)] = 1
-            h = target_hidden_states(model, ids.to(device), att.to(device)).float().cpu()
+            # the stored (float16) states, and the target's logit statistics over exactly those
+            h16 = target_hidden_states(model, ids.to(device), att.to(device)).to(torch.float16)
+            lse, top = target_logit_stats(model.get_output_embeddings(), h16.float())
+            h16, lse, top = h16.cpu(), lse.cpu(), top.cpu()
             for r, j in enumerate(idx):
-                feats[j] = h[r, :len(chunk[j].input_ids)].to(torch.float16).numpy()
+                n = len(chunk[j].input_ids)
+                feats[j] = (h16[r, :n].numpy(), lse[r, :n].numpy(), top[r, :n].to(torch.int32).numpy())
             n = int(att.sum())
             done_tokens += n
             bar.update(n)
@@ -179,7 +210,8 @@ def extract_features(model, examples: Sequence[FeatureExample], out_dir: Path, *
 
 
 class FeatureCache:
-    """Random access to a finished feature cache: ``cache[i] -> dict(input_ids, loss_mask, hidden)`` as tensors."""
+    """Random access to a finished feature cache: ``cache[i] -> dict(input_ids, loss_mask, hidden, target_lse,
+    target_argmax)`` as tensors."""
 
     def __init__(self, path: Path):
         import datasets
@@ -204,6 +236,8 @@ class FeatureCache:
             "input_ids": torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),
             "loss_mask": torch.from_numpy(np.asarray(row["loss_mask"], dtype=np.float32)),
             "hidden": torch.from_numpy(np.asarray(row["hidden"], dtype=np.float32)),
+            "target_lse": torch.from_numpy(np.asarray(row["target_lse"], dtype=np.float32)),
+            "target_argmax": torch.from_numpy(np.asarray(row["target_argmax"], dtype=np.int64)),
         }
 
 

@@ -85,6 +85,9 @@ def masked_positions(mask: torch.Tensor, fraction: float, generator: torch.Gener
 #     with every sum over S: the surrogates are unchanged with r = 1[p > q] on S;
 #   * KL(p || q) is infinite when p has mass outside S; `kld_loss` is then the cross-entropy over S,
 #     -sum_S p log q, whose minimiser is q = p / p(S) on S (KL(p_S / p(S) || q) scaled by p(S)).
+#   p on S needs the normaliser of all the target's logits, not only S's: given `target_lse` (the logsumexp of
+#   the full vocabulary's logits, cached with the features), `target_logits` are S's logits alone and
+#   p = exp(target_logits - target_lse), the same numbers as softmax(full logits) at S's ids.
 
 TVDPP_STATS = ("position", "batch")
 
@@ -93,32 +96,38 @@ def _masked_mean(per: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per * mask).sum() / (mask.sum() + 1e-5)
 
 
-def _target_probs(target_logits: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
-    """p over the full vocabulary, then (with a support) its entries at the support's ids, not renormalised."""
+def _target_probs(target_logits: torch.Tensor, support: torch.Tensor | None,
+                  target_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """p over the full vocabulary, then (with a support) its entries at the support's ids, not renormalised; with
+    `target_lse`, `target_logits` are already the support's and p = exp(target_logits - target_lse)."""
+    if target_lse is not None:
+        return torch.exp(target_logits.float() - target_lse.float()[..., None])
     p = torch.softmax(target_logits.float(), -1)
     return p if support is None else p.index_select(-1, support)
 
 
 def kld_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-             support: torch.Tensor | None = None) -> torch.Tensor:
+             support: torch.Tensor | None = None, target_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Forward KL(p || q) up to p's entropy (the soft-label cross-entropy), masked mean over positions (..., V);
-    with a `support` the draft's logits are over its ids and the sum runs over them (see above)."""
-    p = _target_probs(target_logits, support)
+    with a `support` the draft's logits are over its ids and the sum runs over them (see above; `target_lse`
+    too)."""
+    p = _target_probs(target_logits, support, target_lse)
     return _masked_mean(-(p * torch.log_softmax(draft_logits.float(), -1)).sum(-1), mask)
 
 
-def _reward(draft_logits: torch.Tensor, target_logits: torch.Tensor, support: torch.Tensor | None):
+def _reward(draft_logits: torch.Tensor, target_logits: torch.Tensor, support: torch.Tensor | None,
+            target_lse: torch.Tensor | None = None):
     logq = torch.log_softmax(draft_logits.float(), -1)
     q = logq.exp()
-    p = _target_probs(target_logits, support)
+    p = _target_probs(target_logits, support, target_lse)
     return p, q, logq, (p > q.detach()).float()
 
 
 def tvd(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-        support: torch.Tensor | None = None) -> torch.Tensor:
+        support: torch.Tensor | None = None, target_lse: torch.Tensor | None = None) -> torch.Tensor:
     """TVD(p, q) = 1/2 sum_v |p - q|, masked mean over positions (differentiable, the reference of the tests);
     with a `support`, q is 0 outside it and p's mass there counts in full."""
-    p, q, _, _ = _reward(draft_logits, target_logits, support)
+    p, q, _, _ = _reward(draft_logits, target_logits, support, target_lse)
     per = 0.5 * (p - q).abs().sum(-1)
     if support is not None:
         per = per + 0.5 * (1.0 - p.sum(-1))
@@ -126,18 +135,19 @@ def tvd(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Ten
 
 
 def tvd_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-             support: torch.Tensor | None = None) -> torch.Tensor:
+             support: torch.Tensor | None = None, target_lse: torch.Tensor | None = None) -> torch.Tensor:
     """The policy-gradient surrogate of TVD (see above): its gradient is TVD's; masked mean over positions."""
-    _, q, logq, r = _reward(draft_logits, target_logits, support)
+    _, q, logq, r = _reward(draft_logits, target_logits, support, target_lse)
     return _masked_mean(-(q.detach() * r * logq).sum(-1), mask)
 
 
 def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-               stats: str = "position", eps: float = 1e-5, support: torch.Tensor | None = None) -> torch.Tensor:
+               stats: str = "position", eps: float = 1e-5, support: torch.Tensor | None = None,
+               target_lse: torch.Tensor | None = None) -> torch.Tensor:
     """TVD++: the surrogate with the normalised advantage (r - mu) / (sigma + eps), mu and sigma by `stats`."""
     if stats not in TVDPP_STATS:
         raise ValueError(f"unknown TVD++ statistics {stats!r}; known: {', '.join(TVDPP_STATS)}")
-    _, q, logq, r = _reward(draft_logits, target_logits, support)
+    _, q, logq, r = _reward(draft_logits, target_logits, support, target_lse)
     qd = q.detach()
     if stats == "position":
         mu = (qd * r).sum(-1, keepdim=True)

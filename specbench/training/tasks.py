@@ -187,12 +187,15 @@ def shift_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def frozen_lm_head_fn(lm_head: torch.nn.Module):
-    """x -> the target's LM head over x, with its weights detached (targets for the distribution losses)."""
+    """(x, ids=None) -> the target's LM head over x, with its weights detached (targets for the distribution
+    losses): every vocabulary row, or the rows of `ids` only."""
     w = lm_head.weight.detach()
     b = lm_head.bias.detach() if getattr(lm_head, "bias", None) is not None else None
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(w.dtype), w, b)
+    def fn(x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is None:
+            return F.linear(x.to(w.dtype), w, b)
+        return F.linear(x.to(w.dtype), w[ids], None if b is None else b[ids])
 
     return fn
 
