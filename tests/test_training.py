@@ -300,6 +300,7 @@ def test_train_end_to_end_writes_a_loadable_checkpoint(tiny, sharegpt_file, tmp_
     assert man["data"]["conversations_used"] == 8 and man["training"]["steps"] == 4
     assert man["target"]["weights_sha256"] and 0 <= man["heldout"]["top1"] <= 1 and man["heldout"]["tokens"] > 0
     assert [e["epoch"] for e in man["losses_per_epoch"]] == [0, 1]
+    assert man["training"]["fused_adamw"] is True  # the CPU has the fused kernel, and the manifest says it ran
     head = load_head(out, tiny.model, "eagle").head
     assert sorted(head.trainable_state_dict()) == sorted(json.loads(json.dumps(list(head.expected_keys()))))
     # the draft vocabulary: assistant-token ids of the training data, most frequent first
@@ -563,3 +564,22 @@ def test_distill_then_train_on_the_corpus_from_the_command_line(tmp_path, monkey
         main(["train", "--method", "eagle", "--out", str(tmp_path / "h2"), "--corpus", str(tmp_path / "corpus"),
               str(tmp_path / "corpus")])
     assert "overlap" in capsys.readouterr().err
+
+
+def test_the_fused_adamw_update_is_adamws():
+    """The trainer's fused AdamW (TrainConfig.fused_adamw) takes the per-op loop's steps, up to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(37, 11, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) * 10 ** -k for p in init] for k in range(6)]
+    runs = []
+    for fused in (None, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(runs[1][0], init[0])  # it moved

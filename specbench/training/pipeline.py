@@ -161,7 +161,7 @@ def train(task: Task, target_spec: str, out: Path, *, data: str = "sharegpt", ma
         "trainable_parameters": n_params,
         "target": {"name": loaded.name, "source": loaded.source, "weights_sha256": loaded.weights_sha256},
         "data": data_info,
-        "training": {**cfg.to_dict(), "task": task.describe(), "optimizer": "AdamW",
+        "training": {**cfg.to_dict(), "fused_adamw": res.fused_adamw, "task": task.describe(), "optimizer": "AdamW",
                      "schedule": "linear warm-up then linear decay to 0",
                      "steps": res.step, "finished": res.finished, "resumed_from_step": res.resumed_from,
                      "train_seconds": round(res.seconds, 1)},

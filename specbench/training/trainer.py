@@ -54,6 +54,10 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between trainer-state checkpoints
     log_every: int = 1
     max_steps: int | None = None  # stop early (for tests / interruption simulations)
+    # AdamW's update as one fused kernel per parameter: the same algorithm (equal up to float rounding) at a
+    # fifth of the per-op loop's cost on CPU, where the loop is torch's default (a 3-layer drafter's 10.6M
+    # parameters: 1.13 s -> 0.22 s a step at 2 threads); used where torch has the kernel (CPU, CUDA)
+    fused_adamw: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,6 +73,7 @@ class TrainResult:
     epoch_losses: list[dict] = field(default_factory=list)  # per epoch: first/last/mean of the logged losses
     resumed_from: int = 0
     finished: bool = False
+    fused_adamw: bool = False  # whether the update ran fused (asked for, and the parameters' device has the kernel)
 
 
 # ---------------------------------------------------------------- data
@@ -173,7 +178,9 @@ def train_loop(head: torch.nn.Module, data, task: Task, cfg: TrainConfig, work_d
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
     params = task.trainable(head)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    fused = cfg.fused_adamw and all(p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            fused=fused or None)
     sched = get_scheduler("linear", opt, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     step = 0
@@ -269,7 +276,7 @@ def train_loop(head: torch.nn.Module, data, task: Task, cfg: TrainConfig, work_d
     head.eval()
     return TrainResult(step=step, epochs_done=step // steps_per_epoch, seconds=time.time() - t0,
                        epoch_losses=summarize_epochs(history), resumed_from=resumed_from,
-                       finished=step >= total_steps)
+                       finished=step >= total_steps, fused_adamw=fused)
 
 
 _BOOKKEEPING = ("step", "epoch", "lr", "t")
