@@ -205,7 +205,7 @@ def test_every_committed_head_carries_a_manifest_that_matches_it(tmp_path):
         assert prov["seed"] == man["training"]["seed"] and prov["epochs"] == man["training"]["epochs"], d.name
         assert prov["draft_vocab"] == man["training"]["task"].get("draft_vocab"), d.name
         again = json.loads(json.dumps(man))  # the recipe: what differs apart from the seed changes it
-        again["training"].update(seed=7, steps=1, train_seconds=1.0)
+        again["training"].update(seed=7, steps=1, train_seconds=1.0, fused_adamw=True)  # fused: how it ran
         assert _provenance_of(again, tmp_path / d.name)["recipe"] == prov["recipe"], d.name
         again["training"]["lr"] = 1.0
         assert _provenance_of(again, tmp_path / d.name)["recipe"] != prov["recipe"], d.name

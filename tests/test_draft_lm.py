@@ -23,9 +23,9 @@ def _rows(target, n=3, T=9, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (T,), generator=g)
-        mask = (torch.rand(T, generator=g) > 0.4).float()
+    for i in range(n):  # of unequal lengths: the batch pads them
+        ids = torch.randint(0, 64, (T - 2 * i,), generator=g)
+        mask = (torch.rand(T - 2 * i, generator=g) > 0.4).float()
         hidden = target_hidden_states(target.model, ids[None])[0]
         lse, top = target_logit_stats(target.model.get_output_embeddings(), hidden)
         rows.append({"input_ids": ids, "loss_mask": mask, "hidden": hidden, "target_lse": lse, "target_argmax": top})

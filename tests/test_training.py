@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specbench.training.features import FeatureCache, prepare_features, target_hidden_states
+from specbench.training.features import FeatureCache, prepare_features, target_hidden_states, target_logit_stats
 from specbench.training.sharegpt import (
     DataError,
     ReadStats,
@@ -182,10 +182,13 @@ def test_feature_cache_round_trip_reuse_and_resume(tiny, sharegpt_file, tmp_path
     assert row["hidden"].shape == ref.shape
     torch.testing.assert_close(row["hidden"], ref.half().float())
     assert row["loss_mask"].sum() > 0 and row["loss_mask"][0] == 0
-    # the target's full-vocabulary logit statistics over the stored (float16) states
+    # the target's full-vocabulary logit statistics over the stored (float16) states, however they are chunked
     logits = tiny.model.get_output_embeddings()(row["hidden"])
     torch.testing.assert_close(row["target_lse"], torch.logsumexp(logits, -1))
     assert torch.equal(row["target_argmax"], logits.argmax(-1))
+    lse2, top2 = target_logit_stats(tiny.model.get_output_embeddings(), row["hidden"], rows=2)
+    torch.testing.assert_close(lse2, row["target_lse"])
+    assert torch.equal(top2, row["target_argmax"])
 
     # reuse: same key -> same directory, nothing recomputed
     def boom(*a, **k):
@@ -209,6 +212,12 @@ def test_feature_cache_round_trip_reuse_and_resume(tiny, sharegpt_file, tmp_path
                      cache=tmp_path / "cache", shard_size=5, progress=False)
     assert sum(s[0] for s in calls) == 5
     torch.testing.assert_close(FeatureCache(d)[7]["hidden"], row["hidden"])
+    # a cache of another format is refused with what to do, not read into a KeyError
+    good = (d / "meta.json").read_text()
+    (d / "meta.json").write_text(json.dumps({**json.loads(good), "format": 1}))
+    with pytest.raises(RuntimeError, match="format 1.*extract the features again"):
+        FeatureCache(d)
+    (d / "meta.json").write_text(good)
     # another max_tokens -> another key, another directory
     d3, _ = prepare_features(tiny, data=str(sharegpt_file), max_conversations=4, max_tokens=64,
                              cache=tmp_path / "cache", shard_size=5, progress=False)
@@ -272,6 +281,7 @@ def test_resume_after_interruption_is_identical(tiny, tiny_cache, tmp_path):
     assert r1.step == 5 and not r1.finished
     st = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
     assert st["step"] == 5
+    assert st["optimizer"]["param_groups"][0]["fused"] is True  # TrainConfig.fused_adamw, on the CPU's kernel
     head_c, task_c = _head_and_task(tiny, ce_fraction=0.5, noise="uniform")
     r2 = train_loop(head_c, tiny_cache, task_c, TrainConfig(**cfg), tmp_path / "b", progress=False)
     assert r2.resumed_from == 5 and r2.finished and r2.step == 12

@@ -269,7 +269,9 @@ def checkpoint_provenance(path: str | os.PathLike | None) -> dict | None:
             else None}
 
 
-_BOOKKEEPING = ("seed", "save_every", "log_every", "steps", "finished", "resumed_from_step", "train_seconds")
+# fused_adamw: how the update ran (the same algorithm either way, and a property of the device), not the recipe
+_BOOKKEEPING = ("seed", "save_every", "log_every", "steps", "finished", "resumed_from_step", "train_seconds",
+                "fused_adamw")
 
 
 def _what_to_do(target_name: str) -> str:

@@ -177,9 +177,9 @@ class DraftLMTask(Task):
 
     def describe(self) -> dict:
         return {**super().describe(),
-                "p": ("softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary"
-                      + ("; on the draft vocabulary as exp(its logits - the cached full logsumexp)"
-                         if self.opts.draft_vocab else "")),
+                # the same p however it is computed (on S: exp(S's logits - the cached logsumexp)); the text is
+                # part of the checkpoint's recipe hash, so it names the distribution, not the route
+                "p": "softmax(the target's LM head over its cached (float16) last hidden states), full vocabulary",
                 "q": (f"over the data's {self.opts.draft_vocab} most frequent assistant tokens (p's mass outside "
                       "them counts as missed)" if self.opts.draft_vocab else "the full vocabulary"),
                 "trained": "the kept decoder layers and the final norm (embedding and LM head: the target's, frozen)",

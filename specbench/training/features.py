@@ -82,12 +82,14 @@ def target_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 def target_logit_stats(lm_head: torch.nn.Module, hidden: torch.Tensor, rows: int = 512
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp, argmax) of the target's logits ``lm_head(hidden)`` over the full vocabulary, per row of
-    `hidden` (..., H), in float32 and int64; computed `rows` rows at a time to bound the logits' memory."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    w = lm_head.weight
+    `hidden` (..., H), in float32 and int64; computed `rows` rows at a time to bound the logits' memory. In float32
+    whatever the model's dtype: a drafter divides float32 logits of its vocabulary by this normaliser."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+    w = lm_head.weight.float()
+    b = None if getattr(lm_head, "bias", None) is None else lm_head.bias.float()
     lse, top = [], []
     for i in range(0, flat.shape[0], rows):
-        logits = lm_head(flat[i:i + rows].to(w.dtype)).float()
+        logits = torch.nn.functional.linear(flat[i:i + rows], w, b)
         lse.append(torch.logsumexp(logits, -1))
         top.append(logits.argmax(-1))
     shape = hidden.shape[:-1]
@@ -218,6 +220,9 @@ class FeatureCache:
 
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
+        if self.meta.get("format") != _FORMAT:
+            raise RuntimeError(f"feature cache {self.path} is of format {self.meta.get('format')}, this specbench "
+                               f"reads format {_FORMAT}; delete it and extract the features again")
         if not self.meta.get("complete"):
             raise RuntimeError(f"feature cache {self.path} is incomplete; run the extraction again (it resumes)")
         shards = sorted(p for p in self.path.glob("shard-*") if p.is_dir() and not p.name.startswith("."))

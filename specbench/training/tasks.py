@@ -188,14 +188,15 @@ def shift_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def frozen_lm_head_fn(lm_head: torch.nn.Module):
     """(x, ids=None) -> the target's LM head over x, with its weights detached (targets for the distribution
-    losses): every vocabulary row, or the rows of `ids` only."""
+    losses): every vocabulary row, or the rows of `ids` only, those in float32 (they are divided by the float32
+    logsumexp of all rows that `features.target_logit_stats` caches)."""
     w = lm_head.weight.detach()
     b = lm_head.bias.detach() if getattr(lm_head, "bias", None) is not None else None
 
     def fn(x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         if ids is None:
             return F.linear(x.to(w.dtype), w, b)
-        return F.linear(x.to(w.dtype), w[ids], None if b is None else b[ids])
+        return F.linear(x.float(), w[ids].float(), None if b is None else b[ids].float())
 
     return fn
 
