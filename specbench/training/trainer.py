@@ -54,10 +54,10 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between trainer-state checkpoints
     log_every: int = 1
     max_steps: int | None = None  # stop early (for tests / interruption simulations)
-    # AdamW's update as one fused kernel per parameter: the same algorithm (equal up to float rounding) at about
-    # a fifth of the per-op loop's cost on CPU, where the loop is torch's default (a 3-layer drafter's 10.6M
-    # parameters, measured once at 2 threads on a loaded machine: 1.13 s -> 0.22 s a step); used where torch
-    # has the kernel (CPU, CUDA). Not part of a checkpoint's recipe (draft_heads._BOOKKEEPING).
+    # AdamW's update as one fused kernel per parameter: the same algorithm (equal up to float rounding) at a third
+    # of the per-op loop's cost on CPU, where the loop is torch's default (a 3-layer drafter's 10.6M parameters at
+    # 2 threads: 24 ms -> 8 ms, a small part of a step; suites/draft_lm_train_cost.py); used where torch has the
+    # kernel (CPU, CUDA). Not part of a checkpoint's recipe (draft_heads._BOOKKEEPING).
     fused_adamw: bool = True
 
     def to_dict(self) -> dict:
