@@ -251,3 +251,55 @@ def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
                 training, jobs=[dict(job, seeds=[0], out="o")]))}))
     with pytest.raises(UsageError, match="malformed training block"):
         F.training_jobs(_plan(tmp_path, {"pld": {"method": "pld"}}, training={"jobs": [{}]}))
+
+
+def test_install_copies_finished_heads_and_points_the_arms_at_them(runner, tmp_path, capsys):
+    """Seed 0 goes to the job's install name, seed k to name-s<k>, files unchanged but the manifest's
+    `installed_as` / `replaces`; an arm lists its finished heads in seed order, an arm with none lists none."""
+    from specbench.artifacts import sha256_file
+
+    training = {"corpus": ["c1"], "common": ["--max-tokens", "64"],
+                "jobs": [{"arms": ["eagle2"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}"),
+                          "install": "e-tiny"},
+                         {"arms": ["fspad[wofs]"], "method": "fspad", "args": ["--variant", "wofs"], "seeds": [0],
+                          "out": str(tmp_path / "w{seed}"), "install": "w-tiny"}]}
+    plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "checkpoints": ["old-head"]},
+                            "fspad[wofs]": {"method": "fspad", "checkpoints": ["old-wofs"]},
+                            "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, training=training)
+    jobs = F.training_jobs(plan)
+    assert [j["install"] for j in jobs] == ["e-tiny", "e-tiny-s1", "w-tiny"]
+
+    def finish(job):
+        d = Path(_head(runner, Path(job["out"]), job["seed"]))
+        man = json.loads((d / "MANIFEST.json").read_text())
+        man.update(command="specbench " + " ".join(job["argv"]), weights_sha256=sha256_file(d / "model.safetensors"))
+        man["training"]["finished"] = True
+        (d / "MANIFEST.json").write_text(json.dumps(man))
+
+    dest = tmp_path / "ckpts"
+    old = Path(_head(runner, dest / "e-tiny", 7))  # the head installed before, other weights
+    (old / "MANIFEST.json").write_text(json.dumps({"weights_sha256": "0ld", "heldout": {"top1": 0.39},
+                                                   "command": "old cmd"}))
+    finish(jobs[0])
+    lines = F.install_heads(plan, dest)
+    assert any(line.startswith("not trained yet: " + jobs[1]["out"]) for line in lines)
+    assert (dest / "e-tiny" / "model.safetensors").read_bytes() == (tmp_path / "h0" / "model.safetensors").read_bytes()
+    man = json.loads((dest / "e-tiny" / "MANIFEST.json").read_text())
+    assert man["replaces"] == {"weights_sha256": "0ld", "heldout_top1": 0.39, "command": "old cmd"}
+    assert "h0" in man["installed_as"] and not (dest / ".e-tiny.tmp").exists()
+    arms = json.loads(plan.path.read_text())["arms"]
+    assert arms["eagle2"]["checkpoints"] == [str(dest / "e-tiny")]
+    assert arms["fspad[wofs]"]["checkpoints"] == []  # not a head of another recipe
+    assert arms["pld"] == {"method": "pld"}
+
+    finish(jobs[1])
+    lines = F.install_heads(F.load_plan(plan.path), dest)
+    assert f"{jobs[0]['out']}: already installed as {dest / 'e-tiny'}" in lines
+    assert json.loads((dest / "e-tiny" / "MANIFEST.json").read_text())["replaces"]["command"] == "old cmd"
+    assert "replaces" not in json.loads((dest / "e-tiny-s1" / "MANIFEST.json").read_text())
+    again = F.load_plan(plan.path)
+    assert again.arms["eagle2"].checkpoints == (str(dest / "e-tiny"), str(dest / "e-tiny-s1"))
+    pairs = {(a.name, c) for a, c, _, _ in again.cells() if c is not None}
+    assert F.checkpoint_seeds(again, pairs) == {("eagle2", str(dest / "e-tiny")): 0,
+                                                ("eagle2", str(dest / "e-tiny-s1")): 1}
+    assert not [c for c in again.cells() if c[0].name == "fspad[wofs]"]

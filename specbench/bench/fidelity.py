@@ -2,7 +2,9 @@
 settings, and the papers' claims judged on those runs (`baselines/embedded/fidelity.json`).
 
 The plan file names the arms (a method, its parameters and one draft checkpoint per training seed),
-the datasets, temperatures, prompt count and token budget, and the claims of `claims.json` to judge.
+the datasets, temperatures, prompt count and token budget, the claims of `claims.json` to judge, and
+the training of its heads (`training_jobs`; `install_heads` puts the finished ones where the arms and
+the methods find them).
 `run_plan` writes one results file per (arm, seed, dataset, temperature), resuming whatever is
 there; `measure` judges each claim on every (dataset, temperature) of the plan with compare's rule
 (`compare.claims`: like with like, the paired prompt bootstrap, seeds joined) and returns the table
@@ -315,9 +317,11 @@ def record(plan: Plan, rows: list[dict], runs, results_dir: Path) -> None:
 
 
 def training_jobs(plan: Plan) -> list[dict]:
-    """The plan's `training` block as jobs, one per head and seed: {arms, seed, out, argv} where argv is the
-    `specbench train` command line. Every job shares the block's corpus and `common` options (one data set,
-    one budget); `args` are a method's own (its learning rate, loss weights, variant)."""
+    """The plan's `training` block as jobs, one per head and seed: {arms, seed, out, argv, install} where argv
+    is the `specbench train` command line and install the name `install_heads` gives the head under
+    specbench/checkpoints/ (the block's `install` for seed 0, the method's default head; `-s<seed>` appended
+    for the others; None: used in place). Every job shares the block's corpus and `common` options (one data
+    set, one budget); `args` are a method's own (its learning rate, loss weights, variant)."""
     tr = plan.doc.get("training")
     if not tr:
         raise UsageError(f"{plan.path} has no training block")
@@ -328,7 +332,11 @@ def training_jobs(plan: Plan) -> list[dict]:
                 out = str(job["out"]).format(seed=seed)
                 argv = ["train", "--method", job["method"], "--out", out, "--corpus", *tr["corpus"], *tr["common"],
                         *job.get("args", []), "--seed", str(seed)]
-                jobs.append({"arms": list(job["arms"]), "seed": int(seed), "out": out, "argv": argv})
+                install = job.get("install")
+                if install is not None:
+                    install = str(install) + (f"-s{seed}" if int(seed) else "")
+                jobs.append({"arms": list(job["arms"]), "seed": int(seed), "out": out, "argv": argv,
+                             "install": install})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UsageError(f"{plan.path}: malformed training block ({type(e).__name__}: {e})") from None
     unknown = sorted({a for j in jobs for a in j["arms"]} - set(plan.arms))
@@ -369,6 +377,70 @@ def trained(job: dict) -> bool:
         raise UsageError(f"{job['out']} holds a head trained by `{man.get('command')}`, but the plan's job is now "
                          f"`{want}`; delete {job['out']} to train it again, or restore the plan")
     return finished
+
+
+def install_heads(plan: Plan, dest: Path | None = None) -> list[str]:
+    """Install every finished head of the plan's training block and point the plan's arms at them.
+
+    A job's head is copied unchanged to `dest/<install>` (default dest: specbench/checkpoints/, where the
+    methods find their default heads and the study finds them by name), its manifest gaining `installed_as`
+    and, where it replaces another head, `replaces` (that head's weights sha256, held-out top-1 and command,
+    so the records measured with it stay traceable). A head already installed there is left alone. Each arm
+    the block trains then lists its finished heads in seed order; one with none finished lists none (the
+    study skips it) rather than keep a head of another recipe. Returns what it did, one line each."""
+    import shutil
+
+    from ..artifacts import sha256_file
+    from ..methods.head_drafters import CHECKPOINTS_DIR
+
+    dest = Path(dest) if dest is not None else CHECKPOINTS_DIR
+    jobs = training_jobs(plan)
+    done, lines = [], []
+    for job in jobs:
+        if not trained(job):
+            lines.append(f"not trained yet: {job['out']} (specbench fidelity train)")
+            continue
+        if job["install"] is None:
+            done.append((job, job["out"]))
+            continue
+        src, to = Path(job["out"]), dest / job["install"]
+        sha = sha256_file(src / "model.safetensors")
+        old = _read_manifest(to)
+        ref = job["install"] if dest == CHECKPOINTS_DIR else str(to)
+        done.append((job, ref))
+        if old.get("weights_sha256") == sha:
+            lines.append(f"{job['out']}: already installed as {ref}")
+            continue
+        tmp = dest / f".{job['install']}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        man = _read_manifest(tmp)
+        man["installed_as"] = (f"{display_path(to)} (the files of {job['out']}, copied unchanged; this key and "
+                               "`replaces` added)")
+        man.pop("replaces", None)
+        if old:
+            man["replaces"] = {"weights_sha256": old.get("weights_sha256"),
+                               "heldout_top1": (old.get("heldout") or {}).get("top1"), "command": old.get("command")}
+        write_json(tmp / "MANIFEST.json", man, indent=2)
+        if to.exists():
+            shutil.rmtree(to)
+        tmp.rename(to)
+        lines.append(f"{job['out']}: installed as {ref} (sha256 {sha[:16]}...)"
+                     + (f", replacing {str(old.get('weights_sha256'))[:16]}..." if old else ""))
+    doc = json.loads(json.dumps(plan.doc))
+    for name in dict.fromkeys(a for j in jobs for a in j["arms"]):
+        doc["arms"][name]["checkpoints"] = [ref for j, ref in sorted(done, key=lambda d: d[0]["seed"])
+                                            if name in j["arms"]]
+        lines.append(f"arm {name}: " + (", ".join(doc["arms"][name]["checkpoints"]) or "no head trained yet"))
+    write_json(plan.path, doc, indent=1)
+    return lines
+
+
+def _read_manifest(d: Path) -> dict:
+    try:
+        return json.loads((d / "MANIFEST.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------- command line
@@ -429,9 +501,11 @@ def cmd_fidelity(args) -> int:
                 if rc:
                     return rc
         if not args.dry_run:
-            print("heads trained; their arms' checkpoints in the plan: "
-                  + "; ".join(f"{a}: {', '.join(j['out'] for j in jobs if a in j['arms'])}"
-                              for a in dict.fromkeys(a for j in jobs for a in j["arms"])))
+            print("heads trained; `specbench fidelity install` installs them and points the plan's arms at them")
+        return 0
+    if args.action == "install":
+        for line in install_heads(plan):
+            print(line)
         return 0
     claims = study_claims(plan, args.claims)
     if args.results:
@@ -460,9 +534,10 @@ def cmd_fidelity(args) -> int:
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("fidelity", help="the fidelity study: train its heads (`train`), run its plan (`run`), or "
+    f = sub.add_parser("fidelity", help="the fidelity study: train its heads (`train`), install them as the "
+                                        "methods' heads and the plan's (`install`), run its plan (`run`), or "
                                         "judge the papers' claims on its runs, with seed spreads (`table`)")
-    f.add_argument("action", choices=("train", "run", "table"))
+    f.add_argument("action", choices=("train", "install", "run", "table"))
     f.add_argument("--plan", default=str(DEFAULT_PLAN), help="the study's plan (default: %(default)s)")
     f.add_argument("--claims", default=str(DEFAULT_CLAIMS), help="the claims file (default: %(default)s)")
     f.add_argument("--results", help="the study's results directory (run: written; table: read; table without "
