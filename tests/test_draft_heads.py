@@ -8,6 +8,7 @@ the same static and dynamic tree drafters as EAGLE's head, and decodes losslessl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,8 @@ def test_every_committed_head_carries_a_manifest_that_matches_it(tmp_path):
         cfg = json.loads((d / "config.json").read_text())
         assert man["weights_sha256"] == checkpoint_sha256(d), d.name
         assert d.name.endswith(f"-{man['target']['name']}") and d.name.startswith(man["method"]), d.name
+        seeded = re.search(r"-s(\d+)-", d.name)  # another training seed of a head (`specbench fidelity install`)
+        assert not seeded or int(seeded[1]) == man["training"]["seed"] != 0, d.name
         assert cfg.get("specbench_head") == catalogue.identity(man["method"]).head, d.name
         if "specbench_prefix_draft" in cfg:  # a distilled draft LM: the layers of the target it names
             assert cfg["specbench_prefix_draft"]["target_sha256"] == man["target"]["weights_sha256"], d.name

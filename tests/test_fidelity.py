@@ -253,53 +253,73 @@ def test_train_skips_finished_heads_and_lists_the_rest(tmp_path, capsys):
         F.training_jobs(_plan(tmp_path, {"pld": {"method": "pld"}}, training={"jobs": [{}]}))
 
 
-def test_install_copies_finished_heads_and_points_the_arms_at_them(runner, tmp_path, capsys):
-    """Seed 0 goes to the job's install name, seed k to name-s<k>, files unchanged but the manifest's
-    `installed_as` / `replaces`; an arm lists its finished heads in seed order, an arm with none lists none."""
+def test_install_copies_finished_heads_and_points_the_arms_at_them(runner, tmp_path, monkeypatch):
+    """Seed 0 goes to <install>-<target>, seed k to <install>-s<k>-<target>, files unchanged but the
+    manifest's `installed_as` / `replaces`; an arm lists its finished heads in seed order (by name when
+    installed under specbench/checkpoints/), an arm with none lists none."""
     from specbench.artifacts import sha256_file
+    from specbench.methods import head_drafters
 
+    dest = tmp_path / "ckpts"
+    dest.mkdir()
+    monkeypatch.setattr(head_drafters, "CHECKPOINTS_DIR", dest)  # where the methods find heads by name
     training = {"corpus": ["c1"], "common": ["--max-tokens", "64"],
-                "jobs": [{"arms": ["eagle2"], "method": "eagle", "seeds": [0, 1], "out": str(tmp_path / "h{seed}"),
-                          "install": "e-tiny"},
+                "jobs": [{"arms": ["eagle2"], "method": "eagle", "seeds": [1, 0], "out": str(tmp_path / "h{seed}"),
+                          "install": "eagle"},
                          {"arms": ["fspad[wofs]"], "method": "fspad", "args": ["--variant", "wofs"], "seeds": [0],
-                          "out": str(tmp_path / "w{seed}"), "install": "w-tiny"}]}
+                          "out": str(tmp_path / "w{seed}"), "install": "fspad-wofs"}]}
     plan = _plan(tmp_path, {"eagle2": {"method": "eagle2", "checkpoints": ["old-head"]},
                             "fspad[wofs]": {"method": "fspad", "checkpoints": ["old-wofs"]},
                             "pld": {"method": "pld"}, "lookahead": {"method": "lookahead"}}, training=training)
     jobs = F.training_jobs(plan)
-    assert [j["install"] for j in jobs] == ["e-tiny", "e-tiny-s1", "w-tiny"]
+    assert [j["install"] for j in jobs] == ["eagle-s1-tiny", "eagle-tiny", "fspad-wofs-tiny"]
 
     def finish(job):
         d = Path(_head(runner, Path(job["out"]), job["seed"]))
         man = json.loads((d / "MANIFEST.json").read_text())
-        man.update(command="specbench " + " ".join(job["argv"]), weights_sha256=sha256_file(d / "model.safetensors"))
+        man.update(command="specbench " + " ".join(job["argv"]), weights_sha256=sha256_file(d / "model.safetensors"),
+                   replaces={"stale": 1})
         man["training"]["finished"] = True
         (d / "MANIFEST.json").write_text(json.dumps(man))
 
-    dest = tmp_path / "ckpts"
-    old = Path(_head(runner, dest / "e-tiny", 7))  # the head installed before, other weights
+    old = Path(_head(runner, dest / "eagle-tiny", 7))  # the head installed before, other weights
     (old / "MANIFEST.json").write_text(json.dumps({"weights_sha256": "0ld", "heldout": {"top1": 0.39},
-                                                   "command": "old cmd"}))
-    finish(jobs[0])
-    lines = F.install_heads(plan, dest)
-    assert any(line.startswith("not trained yet: " + jobs[1]["out"]) for line in lines)
-    assert (dest / "e-tiny" / "model.safetensors").read_bytes() == (tmp_path / "h0" / "model.safetensors").read_bytes()
-    man = json.loads((dest / "e-tiny" / "MANIFEST.json").read_text())
-    assert man["replaces"] == {"weights_sha256": "0ld", "heldout_top1": 0.39, "command": "old cmd"}
-    assert "h0" in man["installed_as"] and not (dest / ".e-tiny.tmp").exists()
+                                                   "command": "old cmd", "replaces": {"weights_sha256": "older"}}))
+    finish(jobs[1])
+    lines = F.install_heads(plan)
+    assert any(line.startswith("not trained yet: " + jobs[0]["out"]) for line in lines)
+    assert (dest / "eagle-tiny" / "model.safetensors").read_bytes() == (tmp_path / "h0" /
+                                                                         "model.safetensors").read_bytes()
+    man = json.loads((dest / "eagle-tiny" / "MANIFEST.json").read_text())
+    assert man["replaces"] == {"weights_sha256": "0ld", "heldout_top1": 0.39, "command": "old cmd",
+                               "replaces": {"weights_sha256": "older"}}
+    assert "h0" in man["installed_as"] and [p.name for p in dest.iterdir()] == ["eagle-tiny"]  # nothing left aside
     arms = json.loads(plan.path.read_text())["arms"]
-    assert arms["eagle2"]["checkpoints"] == [str(dest / "e-tiny")]
+    assert arms["eagle2"]["checkpoints"] == ["eagle-tiny"]
     assert arms["fspad[wofs]"]["checkpoints"] == []  # not a head of another recipe
     assert arms["pld"] == {"method": "pld"}
 
-    finish(jobs[1])
-    lines = F.install_heads(F.load_plan(plan.path), dest)
-    assert f"{jobs[0]['out']}: already installed as {dest / 'e-tiny'}" in lines
-    assert json.loads((dest / "e-tiny" / "MANIFEST.json").read_text())["replaces"]["command"] == "old cmd"
-    assert "replaces" not in json.loads((dest / "e-tiny-s1" / "MANIFEST.json").read_text())
+    finish(jobs[0])
+    lines = F.install_heads(F.load_plan(plan.path))
+    assert f"{jobs[1]['out']}: already installed as eagle-tiny" in lines
+    assert json.loads((dest / "eagle-tiny" / "MANIFEST.json").read_text())["replaces"]["command"] == "old cmd"
+    assert "replaces" not in json.loads((dest / "eagle-s1-tiny" / "MANIFEST.json").read_text())
     again = F.load_plan(plan.path)
-    assert again.arms["eagle2"].checkpoints == (str(dest / "e-tiny"), str(dest / "e-tiny-s1"))
+    assert again.arms["eagle2"].checkpoints == ("eagle-tiny", "eagle-s1-tiny")
     pairs = {(a.name, c) for a, c, _, _ in again.cells() if c is not None}
-    assert F.checkpoint_seeds(again, pairs) == {("eagle2", str(dest / "e-tiny")): 0,
-                                                ("eagle2", str(dest / "e-tiny-s1")): 1}
+    assert F.checkpoint_seeds(again, pairs) == {("eagle2", "eagle-tiny"): 0, ("eagle2", "eagle-s1-tiny"): 1}
     assert not [c for c in again.cells() if c[0].name == "fspad[wofs]"]
+
+    # an install interrupted with the old head moved aside and the new one not yet in place: the old one
+    # comes back, and the new one replaces it
+    first = json.loads((dest / "eagle-tiny" / "MANIFEST.json").read_text())["weights_sha256"]
+    (dest / "eagle-tiny").rename(dest / ".eagle-tiny.old")
+    (tmp_path / "h0" / "model.safetensors").write_bytes((tmp_path / "h1" / "model.safetensors").read_bytes())
+    F.install_heads(again, tmp_path / "elsewhere")  # another directory: nothing under dest is touched
+    assert not (dest / "eagle-tiny").exists()
+    assert json.loads(plan.path.read_text())["arms"]["eagle2"]["checkpoints"][0] == str(tmp_path / "elsewhere" /
+                                                                                          "eagle-tiny")
+    F.install_heads(again)
+    man = json.loads((dest / "eagle-tiny" / "MANIFEST.json").read_text())
+    assert man["replaces"]["weights_sha256"] == first and man["replaces"]["replaces"]["command"] == "old cmd"
+    assert sorted(p.name for p in dest.iterdir()) == ["eagle-s1-tiny", "eagle-tiny"]

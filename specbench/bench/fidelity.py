@@ -319,9 +319,10 @@ def record(plan: Plan, rows: list[dict], runs, results_dir: Path) -> None:
 def training_jobs(plan: Plan) -> list[dict]:
     """The plan's `training` block as jobs, one per head and seed: {arms, seed, out, argv, install} where argv
     is the `specbench train` command line and install the name `install_heads` gives the head under
-    specbench/checkpoints/ (the block's `install` for seed 0, the method's default head; `-s<seed>` appended
-    for the others; None: used in place). Every job shares the block's corpus and `common` options (one data
-    set, one budget); `args` are a method's own (its learning rate, loss weights, variant)."""
+    specbench/checkpoints/: `<install>-<target>` for seed 0 (the method's default head), `<install>-s<seed>-
+    <target>` for the others (None: the job has no `install`, its head is used in place). Every job shares
+    the block's corpus and `common` options (one data set, one budget); `args` are a method's own (its
+    learning rate, loss weights, variant)."""
     tr = plan.doc.get("training")
     if not tr:
         raise UsageError(f"{plan.path} has no training block")
@@ -334,11 +335,14 @@ def training_jobs(plan: Plan) -> list[dict]:
                         *job.get("args", []), "--seed", str(seed)]
                 install = job.get("install")
                 if install is not None:
-                    install = str(install) + (f"-s{seed}" if int(seed) else "")
+                    install = f"{install}{f'-s{seed}' if int(seed) else ''}-{plan.target}"
                 jobs.append({"arms": list(job["arms"]), "seed": int(seed), "out": out, "argv": argv,
                              "install": install})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UsageError(f"{plan.path}: malformed training block ({type(e).__name__}: {e})") from None
+    names = [j["install"] for j in jobs if j["install"] is not None]
+    if len(set(names)) < len(names):
+        raise UsageError(f"{plan.path}: two training jobs install their heads under one name ({names})")
     unknown = sorted({a for j in jobs for a in j["arms"]} - set(plan.arms))
     if unknown:
         raise UsageError(f"{plan.path}: training names arm(s) {', '.join(unknown)} that the plan does not run")
@@ -382,32 +386,39 @@ def trained(job: dict) -> bool:
 def install_heads(plan: Plan, dest: Path | None = None) -> list[str]:
     """Install every finished head of the plan's training block and point the plan's arms at them.
 
-    A job's head is copied unchanged to `dest/<install>` (default dest: specbench/checkpoints/, where the
-    methods find their default heads and the study finds them by name), its manifest gaining `installed_as`
-    and, where it replaces another head, `replaces` (that head's weights sha256, held-out top-1 and command,
-    so the records measured with it stay traceable). A head already installed there is left alone. Each arm
-    the block trains then lists its finished heads in seed order; one with none finished lists none (the
-    study skips it) rather than keep a head of another recipe. Returns what it did, one line each."""
+    A job's head is copied unchanged to `dest/<job's install name>` (default dest: specbench/checkpoints/,
+    where the methods find their default heads and the study finds them by name), its manifest gaining
+    `installed_as` and, where it replaces another head, `replaces` (that head's weights sha256, held-out
+    top-1, command and own `replaces`, so the records measured with any earlier head stay traceable). A head
+    already installed there is left alone. Each arm the block trains then lists its finished heads in seed
+    order; one with none finished lists none (the study skips it) rather than keep a head of another
+    recipe. Every job is checked before anything is copied. Returns what it did, one line each."""
     import shutil
 
     from ..artifacts import sha256_file
     from ..methods.head_drafters import CHECKPOINTS_DIR
 
-    dest = Path(dest) if dest is not None else CHECKPOINTS_DIR
+    default = dest is None or Path(dest).resolve() == CHECKPOINTS_DIR.resolve()
+    dest = CHECKPOINTS_DIR if default else Path(dest)
     jobs = training_jobs(plan)
-    done, lines = [], []
-    for job in jobs:
-        if not trained(job):
-            lines.append(f"not trained yet: {job['out']} (specbench fidelity train)")
-            continue
+    finished = [job for job in jobs if trained(job)]  # a head of a changed plan is refused here, before copying
+    lines = [f"not trained yet: {job['out']} (specbench fidelity train)" for job in jobs if job not in finished]
+    done = []
+    for job in finished:
         if job["install"] is None:
             done.append((job, job["out"]))
             continue
         src, to = Path(job["out"]), dest / job["install"]
+        ref = job["install"] if default else str(to)
+        done.append((job, ref))
+        aside = dest / f".{job['install']}.old"
+        if aside.exists():  # an install interrupted after moving the old head aside: finish it
+            if to.exists():
+                shutil.rmtree(aside)
+            else:
+                aside.rename(to)
         sha = sha256_file(src / "model.safetensors")
         old = _read_manifest(to)
-        ref = job["install"] if dest == CHECKPOINTS_DIR else str(to)
-        done.append((job, ref))
         if old.get("weights_sha256") == sha:
             lines.append(f"{job['out']}: already installed as {ref}")
             continue
@@ -415,16 +426,19 @@ def install_heads(plan: Plan, dest: Path | None = None) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
         man = _read_manifest(tmp)
-        man["installed_as"] = (f"{display_path(to)} (the files of {job['out']}, copied unchanged; this key and "
-                               "`replaces` added)")
+        where = f"specbench/checkpoints/{job['install']}" if default else display_path(to)
+        man["installed_as"] = f"{where} (the files of {job['out']}, copied unchanged; this key and `replaces` added)"
         man.pop("replaces", None)
         if old:
             man["replaces"] = {"weights_sha256": old.get("weights_sha256"),
-                               "heldout_top1": (old.get("heldout") or {}).get("top1"), "command": old.get("command")}
+                               "heldout_top1": (old.get("heldout") or {}).get("top1"), "command": old.get("command"),
+                               "replaces": old.get("replaces")}
         write_json(tmp / "MANIFEST.json", man, indent=2)
+        # the old head moves aside until the new one is in place: an interruption leaves one of them whole
         if to.exists():
-            shutil.rmtree(to)
+            to.rename(aside)
         tmp.rename(to)
+        shutil.rmtree(aside, ignore_errors=True)
         lines.append(f"{job['out']}: installed as {ref} (sha256 {sha[:16]}...)"
                      + (f", replacing {str(old.get('weights_sha256'))[:16]}..." if old else ""))
     doc = json.loads(json.dumps(plan.doc))
