@@ -291,7 +291,7 @@ def test_install_copies_finished_heads_and_points_the_arms_at_them(runner, tmp_p
     assert (dest / "eagle-tiny" / "model.safetensors").read_bytes() == (tmp_path / "h0" /
                                                                          "model.safetensors").read_bytes()
     man = json.loads((dest / "eagle-tiny" / "MANIFEST.json").read_text())
-    assert man["replaces"] == {"weights_sha256": "0ld", "heldout_top1": 0.39, "command": "old cmd",
+    assert man["replaces"] == {"weights_sha256": "0ld", "heldout": {"top1": 0.39}, "command": "old cmd",
                                "replaces": {"weights_sha256": "older"}}
     assert "h0" in man["installed_as"] and [p.name for p in dest.iterdir()] == ["eagle-tiny"]  # nothing left aside
     arms = json.loads(plan.path.read_text())["arms"]

@@ -388,8 +388,9 @@ def install_heads(plan: Plan, dest: Path | None = None) -> list[str]:
 
     A job's head is copied unchanged to `dest/<job's install name>` (default dest: specbench/checkpoints/,
     where the methods find their default heads and the study finds them by name), its manifest gaining
-    `installed_as` and, where it replaces another head, `replaces` (that head's weights sha256, held-out
-    top-1, command and own `replaces`, so the records measured with any earlier head stay traceable). A head
+    `installed_as` and, where it replaces another head, `replaces` (that head's manifest, whole: its
+    sha256, held-out top-1, command and own `replaces`, so the records measured with any earlier head stay
+    traceable). A head
     already installed there is left alone. Each arm the block trains then lists its finished heads in seed
     order; one with none finished lists none (the study skips it) rather than keep a head of another
     recipe. Every job is checked before anything is copied. Returns what it did, one line each."""
@@ -430,9 +431,7 @@ def install_heads(plan: Plan, dest: Path | None = None) -> list[str]:
         man["installed_as"] = f"{where} (the files of {job['out']}, copied unchanged; this key and `replaces` added)"
         man.pop("replaces", None)
         if old:
-            man["replaces"] = {"weights_sha256": old.get("weights_sha256"),
-                               "heldout_top1": (old.get("heldout") or {}).get("top1"), "command": old.get("command"),
-                               "replaces": old.get("replaces")}
+            man["replaces"] = old
         write_json(tmp / "MANIFEST.json", man, indent=2)
         # the old head moves aside until the new one is in place: an interruption leaves one of them whole
         if to.exists():
